@@ -1,0 +1,250 @@
+"""The HiDream-O1-Image network: Qwen3-VL (vision tower + text decoder) plus pixel heads.
+
+Sequence seen by the decoder for one sample:
+
+    [ prefix: text tokens and VLM image tokens ][ tms ][ target patches ][ ref patches ]
+      causal among themselves                    attend to everything
+
+The prefix never depends on the noisy image, so its keys and values are computed once per
+caption (`encode_prefix`) and reused at every denoising step and for every seed (`denoise`).
+Parameter names follow the official checkpoint (`model.language_model.*`, `model.visual.*`,
+`model.x_embedder.*`, `model.t_embedder1.*`, `model.final_layer2.*`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen3VLConfig
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    Qwen3VLTextMLP,
+    Qwen3VLTextRMSNorm,
+    Qwen3VLTextRotaryEmbedding,
+    Qwen3VLVisionModel,
+)
+
+PATCH_SIZE = 32  # pixel patch edge of the generated image
+PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE
+TIMESTEP_FREQ_DIM = 256
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); cos/sin: (B, T, hd)
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- pixel heads
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t*1000 (cos half first), then a two-layer MLP."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQ_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # t: (N,) in [0, 1]
+        half = TIMESTEP_FREQ_DIM // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        angles = (t * 1000)[:, None].float() * freqs[None]
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (N, 256)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class BottleneckPatchEmbed(nn.Module):
+    """32x32x3 pixel patch -> hidden/4 -> hidden."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj1 = nn.Linear(PATCH_DIM, hidden // 4, bias=False)
+        self.proj2 = nn.Linear(hidden // 4, hidden)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:  # (B, L, 3072) -> (B, L, D)
+        return self.proj2(self.proj1(patches))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, PATCH_DIM)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, 3072)
+        return self.linear(h)
+
+
+# ----------------------------------------------------------------------------- text decoder
+
+
+@dataclass
+class LayerKV:
+    k: torch.Tensor  # (1, KVH, P, hd), rope applied
+    v: torch.Tensor  # (1, KVH, P, hd)
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of one caption's prefix, per decoder layer."""
+
+    layers: list[LayerKV]
+    length: int
+
+
+class TextAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
+        self.q_norm = Qwen3VLTextRMSNorm(hd, eps=cfg.rms_norm_eps)
+        self.k_norm = Qwen3VLTextRMSNorm(hd, eps=cfg.rms_norm_eps)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, KVH, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, causal: bool) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
+        B, _, T, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = Qwen3VLTextRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = TextAttention(cfg)
+        self.post_attention_layernorm = Qwen3VLTextRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = Qwen3VLTextMLP(cfg)
+
+    def forward_prefix(self, x, cos, sin) -> tuple[torch.Tensor, LayerKV]:
+        """Causal pass over the prefix; returns its output and its keys/values."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        x = x + self.self_attn.attend(q, k, v, causal=True)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, LayerKV(k, v)
+
+    def forward_generated(self, x, cos, sin, groups: list[tuple[slice, LayerKV]]) -> torch.Tensor:
+        """Full attention of generated tokens over their group's prefix and themselves.
+
+        x: (N, G, D). Rows in one group share a prefix (one caption); each group is one attention call.
+        """
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        outs = []
+        for rows, kv in groups:
+            n = rows.stop - rows.start
+            k_all = torch.cat([kv.k.expand(n, -1, -1, -1), k[rows]], dim=2)  # (n, KVH, P+G, hd)
+            v_all = torch.cat([kv.v.expand(n, -1, -1, -1), v[rows]], dim=2)
+            outs.append(self.self_attn.attend(q[rows], k_all, v_all, causal=False))
+        x = x + torch.cat(outs, dim=0)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = Qwen3VLTextRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rotary_emb = Qwen3VLTextRotaryEmbedding(cfg)
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor):
+        # positions: (3, B, T) -> cos/sin (B, T, hd) in x's dtype, computed in float32
+        return self.rotary_emb(x, positions)
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+class HiDreamO1Model(nn.Module):
+    def __init__(self, config: Qwen3VLConfig):
+        super().__init__()
+        self.config = config
+        text_cfg = config.text_config
+        self.visual = Qwen3VLVisionModel._from_config(config.vision_config)
+        self.language_model = TextModel(text_cfg)
+        self.t_embedder1 = TimestepEmbedder(text_cfg.hidden_size)
+        self.x_embedder = BottleneckPatchEmbed(text_cfg.hidden_size)
+        self.final_layer2 = FinalLayer(text_cfg.hidden_size)
+
+
+class HiDreamO1(nn.Module):
+    """Top-level module; its state-dict keys match the checkpoint (`model.*`)."""
+
+    def __init__(self, config: Qwen3VLConfig):
+        super().__init__()
+        self.config = config
+        self.model = HiDreamO1Model(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.x_embedder.proj1.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.x_embedder.proj1.weight.dtype
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """Vision tower: merged image embeddings (N_tok, D) and the DeepStack features."""
+        visual = self.model.visual
+        out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+        return out.pooler_output, out.deepstack_features
+
+    @torch.no_grad()
+    def encode_prefix(
+        self,
+        input_ids: torch.Tensor,  # (P,)
+        positions: torch.Tensor,  # (3, P)
+        image_embeds: torch.Tensor | None = None,  # (N_img, D) for the image-pad tokens, in order
+        deepstack: list[torch.Tensor] | None = None,
+    ) -> PrefixCache:
+        lm = self.model.language_model
+        x = lm.embed_tokens(input_ids[None])  # (1, P, D)
+        image_mask = input_ids == self.config.image_token_id
+        if image_embeds is not None:
+            x[0, image_mask] = image_embeds.to(x.dtype)
+        cos, sin = lm.rope(x, positions[:, None])
+        kvs = []
+        for i, layer in enumerate(lm.layers):
+            x, kv = layer.forward_prefix(x, cos, sin)
+            kvs.append(kv)
+            if deepstack is not None and i < len(deepstack):
+                x[0, image_mask] = x[0, image_mask] + deepstack[i].to(x.dtype)
+        return PrefixCache(kvs, int(input_ids.shape[0]))
+
+    def denoise(
+        self,
+        t_emb_input: torch.Tensor,  # (N,) flow time t in [0, 1]
+        patches: torch.Tensor,  # (N, L_tgt + L_ref, 3072) noisy target patches then clean ref patches
+        positions: torch.Tensor,  # (3, N, G) rope positions of [tms, target, refs]
+        prefixes: list[tuple[slice, PrefixCache]],  # rows of the batch that attend to each prefix
+        target_len: int,
+    ) -> torch.Tensor:
+        """One network evaluation; returns the clean-image prediction for the target, (N, L_tgt, 3072)."""
+        m = self.model
+        lm = m.language_model
+        t_tok = m.t_embedder1(t_emb_input)[:, None]  # (N, 1, D)
+        x = torch.cat([t_tok.to(self.dtype), m.x_embedder(patches.to(self.dtype))], dim=1)  # (N, G, D)
+        cos, sin = lm.rope(x, positions)
+        for i, layer in enumerate(lm.layers):
+            groups = [(rows, cache.layers[i]) for rows, cache in prefixes]
+            x = layer.forward_generated(x, cos, sin, groups)
+        x = lm.norm(x[:, 1 : 1 + target_len])
+        return m.final_layer2(x)

@@ -1,0 +1,234 @@
+"""The denoising pipeline: settings -> conditioning -> prefix caches -> noise -> timesteps -> denoise -> decode.
+
+One call denoises several candidates (seeds) of one request in a batch. Each candidate's image
+depends only on its own seed and the settings: its initial noise comes from a CPU generator seeded
+with seed + 1 (as the official pipeline draws it) and its per-step noise from a second CPU generator
+seeded the same way (the official pipeline seeds the global RNG with seed + 1 right before the loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .conditioning import Conditioning, ConditioningBuilder, check_reference_image
+from .errors import InvalidInput
+from .images import patches_to_uint8
+from .network import PATCH_SIZE, PrefixCache
+from .params import GenerationParams, SamplerSettings, check_mode_inputs, resolve_sampler
+from .schedulers import make_scheduler
+
+log = logging.getLogger(__name__)
+
+MIN_SIGMA = 0.001
+MAX_SEED = 2**63 - 2
+
+
+@dataclass
+class StepState:
+    """What a per-step hook sees: the clean-image prediction of every still-active candidate."""
+
+    step: int  # 0-based index of the step just taken
+    num_steps: int
+    seeds: list[int]  # active candidates, in batch order
+    x0: torch.Tensor  # (B, L, 3072) conditional prediction in [-1, 1]
+    width: int
+    height: int
+
+    def preview(self, i: int) -> Image.Image:
+        x01 = (self.x0[i].float() + 1) / 2
+        return Image.fromarray(patches_to_uint8(x01, self.height, self.width))
+
+
+# A hook may return the batch positions of the candidates to keep; None keeps all.
+StepHook = Callable[[StepState], "Sequence[int] | None"]
+
+
+@dataclass
+class Candidate:
+    seed: int
+    image: Image.Image | None  # None if pruned
+    pruned_at_step: int | None = None
+    preview: Image.Image | None = None  # last prediction of a pruned candidate
+    steps_computed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    candidates: list[Candidate]
+    settings: dict
+    warnings: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class PreparedRequest:
+    cond: Conditioning
+    sampler: SamplerSettings
+    prefixes: list[PrefixCache]  # conditional, then unconditional when CFG is on
+    warnings: list[str]
+
+    def settings(self) -> dict:
+        s = self.sampler
+        c = self.cond
+        return {
+            "width": c.width, "height": c.height, "recipe": s.recipe, "steps": s.steps, "guidance": s.guidance,
+            "shift": s.shift, "scheduler": s.scheduler, "timesteps": list(s.timesteps) if s.timesteps else None,
+            "noise_scale_start": s.noise_scale_start, "noise_scale_end": s.noise_scale_end,
+            "noise_clip_std": s.noise_clip_std, "ref_sizes": [list(r) for r in c.ref_sizes],
+            "vlm_ref_sizes": [list(r) for r in c.vlm_sizes], "target_tokens": c.target_len, "ref_tokens": c.ref_len,
+            "prefix_tokens": [p.length for p in self.prefixes],
+        }  # fmt: skip
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    if not seeds:
+        raise InvalidInput("seeds", "at least one seed is needed")
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise InvalidInput(f"seeds[{i}]", f"must be an integer in [0, {MAX_SEED}], got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise InvalidInput("seeds", "seeds must be distinct")
+    return list(seeds)
+
+
+def initial_noise(seed: int, height: int, width: int, scale: float) -> torch.Tensor:
+    """(1, L, 3072) patchified Gaussian noise, drawn on CPU so it is the same on every device."""
+    gen = torch.Generator("cpu").manual_seed(seed + 1)
+    noise = scale * torch.randn((1, 3, height, width), generator=gen)
+    p = PATCH_SIZE
+    noise = noise.reshape(1, 3, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+    return noise.reshape(1, (height // p) * (width // p), 3 * p * p)
+
+
+class HiDreamPipeline:
+    def __init__(self, checkpoint: LoadedCheckpoint, max_batch: int = 4):
+        self.model = checkpoint.model
+        self.checkpoint_path = checkpoint.path
+        self.conditioning = ConditioningBuilder(checkpoint.tokenizer, self.model.config, checkpoint.vision_cfg)
+        self.max_batch = max_batch
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None, max_batch: int = 4):
+        return cls(load_checkpoint(path, device, dtype), max_batch=max_batch)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # 1. check inputs ----------------------------------------------------------------------------
+    def check_inputs(self, params: GenerationParams) -> tuple[SamplerSettings, list[str]]:
+        check_mode_inputs(params)
+        for i, img in enumerate(params.refs):
+            check_reference_image(img, f"refs[{i}]")
+        return resolve_sampler(params)
+
+    # 2-3. conditioning and prefix caches ------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, params: GenerationParams) -> PreparedRequest:
+        sampler, warnings = self.check_inputs(params)
+        cond = self.conditioning.build(params, with_uncond=sampler.uses_cfg)
+        image_embeds = deepstack = None
+        if cond.vision is not None:
+            image_embeds, deepstack = self.model.encode_images(
+                cond.vision.pixel_values.to(self.device), cond.vision.grid_thw.to(self.device)
+            )
+        prefixes = [
+            self.model.encode_prefix(
+                c.prefix_ids.to(self.device), c.prefix_positions.to(self.device), image_embeds, deepstack
+            )
+            for c in cond.captions
+        ]
+        return PreparedRequest(cond, sampler, prefixes, warnings + cond.warnings)
+
+    # 4-7. noise, timesteps, denoising loop, decode ------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, params: GenerationParams, seeds: Sequence[int], on_step: StepHook | None = None):
+        t0 = time.perf_counter()
+        seeds = check_seeds(seeds)
+        prep = self.prepare(params)
+        t1 = time.perf_counter()
+        candidates: list[Candidate] = []
+        for start in range(0, len(seeds), self.max_batch):
+            candidates += self.denoise(prep, seeds[start : start + self.max_batch], on_step)
+        t2 = time.perf_counter()
+        timings = {"prepare_s": t1 - t0, "denoise_s": t2 - t1}
+        return GenerationResult(candidates, prep.settings(), prep.warnings, timings)
+
+    def denoise(self, prep: PreparedRequest, seeds: list[int], on_step: StepHook | None = None) -> list[Candidate]:
+        cond, s = prep.cond, prep.sampler
+        dev, dtype = self.device, self.dtype
+        z = torch.cat([initial_noise(sd, cond.height, cond.width, s.noise_scale_start) for sd in seeds]).to(dev, dtype)
+        step_gens = [torch.Generator("cpu").manual_seed(sd + 1) for sd in seeds]
+        sched = make_scheduler(s.scheduler, s.shift)
+        sched.set_timesteps(s.steps, list(s.timesteps) if s.timesteps else None)
+        timesteps = sched.timesteps
+        n = len(timesteps)
+        noise_scales = [s.noise_scale_start + (s.noise_scale_end - s.noise_scale_start) * i / (n - 1) for i in range(n)]
+        if n == 1:
+            noise_scales = [s.noise_scale_start]
+
+        active = list(range(len(seeds)))
+        results = {sd: Candidate(sd, None) for sd in seeds}
+        ref = None if cond.ref_patches is None else cond.ref_patches.to(dev, dtype)
+        for i, step_t in enumerate(timesteps):
+            t_frac = step_t.float() / 1000.0
+            t_in = (1.0 - t_frac).reshape(1)
+            sigma = t_frac.to(torch.float32).clamp_min(MIN_SIGMA)
+
+            x0 = self._predict(prep, z, ref, t_in)  # list per caption of (B, L, 3072)
+            v = [(x.to(torch.float32) - z.to(torch.float32)) / sigma for x in x0]
+            guided = v[0] if len(v) == 1 else v[1] + s.guidance * (v[0] - v[1])
+            z = sched.step(
+                (-guided).float(), z.float(), generators=[step_gens[a] for a in active],
+                noise_scale=noise_scales[i], noise_clip_std=s.noise_clip_std,
+            ).to(dtype)  # fmt: skip
+            for a in active:
+                results[seeds[a]].steps_computed += 1
+
+            if on_step is not None:
+                state = StepState(i, n, [seeds[a] for a in active], x0[0], cond.width, cond.height)
+                keep = on_step(state)
+                if keep is not None and i < n - 1:
+                    keep = sorted(set(int(k) for k in keep))
+                    if not keep or keep[0] < 0 or keep[-1] >= len(active):
+                        raise ValueError(f"step hook returned invalid positions {keep} for {len(active)} candidates")
+                    for pos in range(len(active)):
+                        if pos not in keep:
+                            c = results[seeds[active[pos]]]
+                            c.pruned_at_step = i
+                            c.preview = state.preview(pos)
+                    rows = torch.tensor(keep, device=z.device)
+                    z = z.index_select(0, rows)
+                    sched.select(keep)
+                    active = [active[k] for k in keep]
+
+        x01 = ((z + 1) / 2).float()
+        for row, a in enumerate(active):
+            results[seeds[a]].image = Image.fromarray(patches_to_uint8(x01[row], cond.height, cond.width))
+        return [results[sd] for sd in seeds]
+
+    def _predict(self, prep: PreparedRequest, z: torch.Tensor, ref, t_in: torch.Tensor) -> list[torch.Tensor]:
+        """Clean-image predictions of every caption for every candidate, in one batched network call."""
+        B = z.shape[0]
+        n_caps = len(prep.prefixes)
+        patches = z if ref is None else torch.cat([z, ref[None].expand(B, -1, -1)], dim=1)
+        patches = patches.repeat(n_caps, 1, 1)  # (n_caps*B, L+Lr, 3072), caption-major
+        positions = torch.cat(
+            [c.gen_positions[:, None].expand(-1, B, -1) for c in prep.cond.captions], dim=1
+        ).to(self.device)  # (3, n_caps*B, G)
+        groups = [(slice(k * B, (k + 1) * B), prep.prefixes[k]) for k in range(n_caps)]
+        t = t_in.to(self.device).expand(n_caps * B)
+        x0 = self.model.denoise(t, patches, positions, groups, prep.cond.target_len)
+        return [x0[k * B : (k + 1) * B] for k in range(n_caps)]

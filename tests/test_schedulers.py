@@ -1,0 +1,165 @@
+"""Our schedulers against golden numbers recorded from the reference HiDream-O1 schedulers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hidream_serve.engine.schedulers import Scheduler, make_scheduler
+
+GOLDEN = np.load(Path(__file__).parent / "data" / "scheduler_golden.npz")
+CASES = {c["key"]: c for c in json.loads(str(GOLDEN["cases_json"]))}
+
+
+def pseudo_model_output(z: torch.Tensor, x0: torch.Tensor, step_t: torch.Tensor) -> torch.Tensor:
+    """What the golden run fed the schedulers: -velocity of a fixed x0 prediction, as the pipeline computes it."""
+    sigma = (step_t.float() / 1000.0).to(torch.float32).clamp_min(0.001)
+    return -((x0 - z) / sigma)
+
+
+def noise_scales(case: dict, n: int) -> list[float]:
+    a, b = case.get("ns_start", 1.0), case.get("ns_end", 1.0)
+    return [a + (b - a) * i / (n - 1) for i in range(n)] if n > 1 else [a]
+
+
+def build(case: dict) -> Scheduler:
+    sched = make_scheduler(case["name"], case["shift"])
+    sched.set_timesteps(case["steps"], case["timesteps"])
+    return sched
+
+
+def run(case: dict, z0: torch.Tensor, x0s: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+    """Trajectory (steps + 1, B, L, D); x0s is (steps, B, L, D); one generator per seed for flash."""
+    sched = build(case)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds] if seeds is not None else None
+    scales = noise_scales(case, len(sched.timesteps))
+    z, traj = z0.clone(), [z0.clone()]
+    for i, step_t in enumerate(sched.timesteps):
+        mo = pseudo_model_output(z, x0s[i], step_t)
+        z = sched.step(mo, z, generators=gens, noise_scale=scales[i], noise_clip_std=case.get("clip", 0.0))
+        traj.append(z.clone())
+    return torch.stack(traj)
+
+
+def golden_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(GOLDEN["z0"]), torch.from_numpy(GOLDEN["x0s"])
+
+
+def seeds_for(case: dict, offset: int = 0) -> list[int] | None:
+    return [case["seed"] + offset] if case["name"] == "flash" else None
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_schedule_matches_reference(key: str) -> None:
+    case = CASES[key]
+    sched = build(case)
+    want_t = GOLDEN[f"{key}/timesteps"]
+    assert str(sched.timesteps.dtype) == f"torch.{case['timesteps_dtype']}"
+    assert np.array_equal(sched.timesteps.numpy(), want_t)
+    assert sched.sigmas.dtype == torch.float32
+    assert np.array_equal(sched.sigmas.numpy(), GOLDEN[f"{key}/sigmas"])
+
+
+@pytest.mark.parametrize("key", sorted(CASES))
+def test_trajectory_matches_reference(key: str) -> None:
+    """Flash noise comes from a generator seeded like the reference's global RNG."""
+    case = CASES[key]
+    z0, x0s = golden_inputs()
+    got = run(case, z0, x0s, seeds_for(case)).numpy()
+    want = GOLDEN[f"{key}/traj"]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", ["unipc_50_s3", "unipc_custom", "flow_match_default", "flash_75_20_clip25"])
+def test_batch_candidates_are_independent(key: str) -> None:
+    case = CASES[key]
+    z0, x0s = golden_inputs()
+    g = torch.Generator("cpu").manual_seed(99)
+    zs = [z0] + [7.5 * torch.randn(z0.shape, generator=g) for _ in range(2)]
+    x0_sets = [x0s] + [torch.tanh(torch.randn(x0s.shape, generator=g)) for _ in range(2)]
+    seed_sets = [seeds_for(case, k) for k in range(3)]
+
+    batch_seeds = None if seed_sets[0] is None else [s[0] for s in seed_sets]
+    batched = run(case, torch.cat(zs), torch.cat(x0_sets, dim=1), batch_seeds)
+    for k in range(3):
+        alone = run(case, zs[k], x0_sets[k], seed_sets[k])
+        assert torch.equal(batched[:, k : k + 1], alone), f"candidate {k} differs from its solo run"
+    np.testing.assert_allclose(batched[:, :1].numpy(), GOLDEN[f"{key}/traj"], rtol=0, atol=1e-6)
+
+
+def test_flash_leaves_global_rng_alone() -> None:
+    case = CASES["flash_75_75_clip25"]
+    z0, x0s = golden_inputs()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    run(case, z0, x0s, seeds_for(case))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_flash_requires_one_generator_per_candidate() -> None:
+    sched = build(CASES["flash_75_75_clip0"])
+    x = torch.zeros(2, 6, 12)
+    with pytest.raises(ValueError, match="Generator"):
+        sched.step(x, x)
+    with pytest.raises(ValueError, match="Generator"):
+        sched.step(x, x, generators=[torch.Generator()])
+
+
+@pytest.mark.parametrize("name", ["unipc", "flow_match", "flash"])
+def test_step_past_the_end_raises(name: str) -> None:
+    sched = make_scheduler(name, 3.0)
+    sched.set_timesteps(3)
+    x = torch.zeros(1, 4, 5)
+    gens = [torch.Generator().manual_seed(0)]
+    for _ in range(3):
+        sched.step(x, x, generators=gens)
+    with pytest.raises(RuntimeError, match="after all 3 steps"):
+        sched.step(x, x, generators=gens)
+
+
+def test_set_timesteps_restarts_the_run() -> None:
+    case = CASES["unipc_8_s3"]
+    z0, x0s = golden_inputs()
+    sched = build(case)
+    for i, step_t in enumerate(sched.timesteps[:3]):
+        sched.step(pseudo_model_output(z0, x0s[i], step_t), z0)
+    sched.set_timesteps(case["steps"])
+    assert sched.step_index == 0
+    z = z0
+    for i, step_t in enumerate(sched.timesteps):
+        z = sched.step(pseudo_model_output(z, x0s[i], step_t), z)
+    np.testing.assert_allclose(z.numpy(), GOLDEN["unipc_8_s3/traj"][-1], rtol=0, atol=1e-6)
+
+
+def test_step_before_set_timesteps_raises() -> None:
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        make_scheduler("flow_match", 1.0).step(x, x)
+
+
+def test_unknown_scheduler_name() -> None:
+    with pytest.raises(ValueError, match="scheduler"):
+        make_scheduler("default", 3.0)
+
+
+@pytest.mark.parametrize(
+    "timesteps",
+    [[], [999, 999, 500], [999, 500.5], [1001, 500], [-1]],
+)
+def test_bad_custom_timesteps(timesteps: list) -> None:
+    with pytest.raises(ValueError):
+        make_scheduler("unipc", 3.0).set_timesteps(5, timesteps)
+
+
+def test_bad_step_inputs() -> None:
+    sched = make_scheduler("flow_match", 1.0)
+    sched.set_timesteps(4)
+    with pytest.raises(ValueError, match="shape"):
+        sched.step(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match="float32"):
+        sched.step(torch.zeros(1, 2, 3, dtype=torch.bfloat16), torch.zeros(1, 2, 3, dtype=torch.bfloat16))
