@@ -45,6 +45,29 @@ def run(case: dict, z0: torch.Tensor, x0s: torch.Tensor, seeds: list[int] | None
     return torch.stack(traj)
 
 
+def platform_matches_golden(key: str) -> bool:
+    """Whether this machine's scalar float32 log/expm1 reproduce the golden machine's for this case.
+
+    UniPC's coefficients go through torch.log/expm1 on 0-d tensors, whose last bit depends on the
+    platform's math library; a 1-ulp difference there moves the trajectory by up to a few 1e-6
+    (seen between torch 2.13 CPU on AMD and torch 2.11 on Intel). Euler and flash steps use only
+    exactly rounded arithmetic and need no probe.
+    """
+    probe_key = f"{key}/scalar_probe"
+    if probe_key not in GOLDEN.files:
+        return True
+    sigmas = torch.from_numpy(GOLDEN[f"{key}/sigmas"])
+    lam = [torch.log(1 - s) - torch.log(s) for s in sigmas]
+    em = [torch.expm1(-(lam[i + 1] - lam[i])) for i in range(len(lam) - 1)]
+    return np.array_equal(torch.stack(lam + em).numpy(), GOLDEN[probe_key])
+
+
+def golden_atol(key: str) -> float:
+    # Exact agreement is expected (and observed) where the scalar math matches; 1e-6 leaves room only
+    # for the sign of zero and similar. Elsewhere allow the measured libm drift with margin.
+    return 1e-6 if platform_matches_golden(key) else 1e-5
+
+
 def golden_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(GOLDEN["z0"]), torch.from_numpy(GOLDEN["x0s"])
 
@@ -72,7 +95,7 @@ def test_trajectory_matches_reference(key: str) -> None:
     got = run(case, z0, x0s, seeds_for(case)).numpy()
     want = GOLDEN[f"{key}/traj"]
     assert got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=0, atol=golden_atol(key))
 
 
 @pytest.mark.parametrize("key", ["unipc_50_s3", "unipc_custom", "flow_match_default", "flash_75_20_clip25"])
@@ -89,7 +112,7 @@ def test_batch_candidates_are_independent(key: str) -> None:
     for k in range(3):
         alone = run(case, zs[k], x0_sets[k], seed_sets[k])
         assert torch.equal(batched[:, k : k + 1], alone), f"candidate {k} differs from its solo run"
-    np.testing.assert_allclose(batched[:, :1].numpy(), GOLDEN[f"{key}/traj"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(batched[:, :1].numpy(), GOLDEN[f"{key}/traj"], rtol=0, atol=golden_atol(key))
 
 
 def test_flash_leaves_global_rng_alone() -> None:
@@ -133,7 +156,7 @@ def test_set_timesteps_restarts_the_run() -> None:
     z = z0
     for i, step_t in enumerate(sched.timesteps):
         z = sched.step(pseudo_model_output(z, x0s[i], step_t), z)
-    np.testing.assert_allclose(z.numpy(), GOLDEN["unipc_8_s3/traj"][-1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(z.numpy(), GOLDEN["unipc_8_s3/traj"][-1], rtol=0, atol=golden_atol("unipc_8_s3"))
 
 
 def test_step_before_set_timesteps_raises() -> None:
@@ -163,3 +186,30 @@ def test_bad_step_inputs() -> None:
         sched.step(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match="float32"):
         sched.step(torch.zeros(1, 2, 3, dtype=torch.bfloat16), torch.zeros(1, 2, 3, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("key", ["unipc_50_s3", "unipc_8_s3", "flow_match_default", "flash_75_20_clip25"])
+def test_select_prunes_candidates(key: str) -> None:
+    """Dropping candidates mid-run leaves the survivors exactly on their solo trajectories."""
+    case = CASES[key]
+    z0, x0s = golden_inputs()
+    g = torch.Generator("cpu").manual_seed(5)
+    zs = [z0] + [7.5 * torch.randn(z0.shape, generator=g) for _ in range(2)]
+    x0_sets = [x0s] + [torch.tanh(torch.randn(x0s.shape, generator=g)) for _ in range(2)]
+    seed_sets = [seeds_for(case, k) for k in range(3)]
+    gens = None if seed_sets[0] is None else [torch.Generator().manual_seed(s[0]) for s in seed_sets]
+    keep = [0, 2]
+
+    sched = build(case)
+    scales = noise_scales(case, len(sched.timesteps))
+    z, x0_batch, rows = torch.cat(zs), torch.cat(x0_sets, dim=1), [0, 1, 2]
+    for i, step_t in enumerate(sched.timesteps):
+        if i == 3:
+            z, rows = z[keep], keep
+            sched.select(keep)
+        mo = pseudo_model_output(z, x0_batch[i, rows], step_t)
+        step_gens = None if gens is None else [gens[r] for r in rows]
+        z = sched.step(mo, z, generators=step_gens, noise_scale=scales[i], noise_clip_std=case.get("clip", 0.0))
+    for pos, k in enumerate(keep):
+        alone = run(case, zs[k], x0_sets[k], seed_sets[k])
+        assert torch.equal(z[pos : pos + 1], alone[-1])

@@ -110,6 +110,19 @@ class Scheduler(ABC):
         self._step_index += 1
         return out
 
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only the per-candidate state of batch `rows` (call after pruning the sample batch).
+
+        Stochastic samplers take their generators per call, so the caller selects those itself.
+        """
+        rows = [int(r) for r in rows]
+        if not rows:
+            raise ValueError("select needs at least one row")
+        self._select_state(rows)
+
+    def _select_state(self, rows: list[int]) -> None:
+        """Subset per-candidate run state; stateless samplers have none."""
+
     @abstractmethod
     def _default_schedule(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps, sigmas incl. the trailing 0) for `num_steps` without a custom list."""

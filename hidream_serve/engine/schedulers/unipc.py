@@ -40,6 +40,12 @@ class UniPCScheduler(Scheduler):
         self._last_sample: torch.Tensor | None = None  # sample the previous predictor started from
         self._last_order = 0
 
+    def _select_state(self, rows: list[int]) -> None:
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, torch.tensor(rows, device=t.device))
+
+        self._x0_prev, self._x0_last, self._last_sample = map(pick, (self._x0_prev, self._x0_last, self._last_sample))
+
     def _step(self, index, model_output, sample, **_unused) -> torch.Tensor:
         x0 = sample - self.sigmas[index] * model_output
         if index > 0:

@@ -1,0 +1,1 @@
+"""HTTP-facing layer: request/response models, image transport, and the error -> status mapping."""

@@ -1,0 +1,244 @@
+"""Request and response models of `POST /v1/generate/{mode}` and their conversion to the engine's params.
+
+The pydantic models hold the protocol's fixed bounds (types, ranges the engine accepts, unknown fields
+rejected); `Limits` holds what the operator configures (max N, steps, pixels, refs, image bytes) and is
+checked in `to_engine`, which raises `InvalidInput` naming the field. Fields left unset take the
+deployment's `Defaults`, then the recipe's values.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hidream_serve.engine.errors import InvalidInput
+from hidream_serve.engine.params import MAX_STEPS, MODES, RECIPES, SCHEDULERS, GenerationParams
+
+from .images import decode_image
+
+MAX_SEED = 2**63 - 2  # the engine's bound (hidream_serve.engine.pipeline.MAX_SEED)
+RANDOM_SEED_BOUND = 2**31  # a server-chosen first seed is below this, so seed + n stays readable
+HARD_MAX_N = 256
+HARD_MAX_REFS = 64
+HARD_MAX_PROMPT = 20_000
+HARD_MAX_EDGE = 8192
+
+Mode = Literal["t2i", "edit", "ip", "skeleton", "layout"]
+Role = Literal["face", "subject", "garment", "background", "pose", "style"]
+Recipe = Literal["full", "dev"]
+Scheduler = Literal["unipc", "flow_match", "flash"]
+ReturnWhat = Literal["winner", "all"]
+assert set(Mode.__args__) == set(MODES) and set(Recipe.__args__) == set(RECIPES)  # type: ignore[attr-defined]
+assert set(Scheduler.__args__) == set(SCHEDULERS)  # type: ignore[attr-defined]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+# -- operator configuration --------------------------------------------------------------------------
+
+
+class Limits(_Strict):
+    """Per-request bounds set by the operator (AppArgs.limits)."""
+
+    max_n: int = Field(16, ge=1, le=HARD_MAX_N, description="largest best-of-N")
+    max_steps: int = Field(100, ge=1, le=MAX_STEPS)
+    max_pixels: int = Field(3104 * 3104, ge=64 * 64, description="output width*height")
+    max_refs: int = Field(10, ge=0, le=HARD_MAX_REFS)
+    max_image_bytes: int = Field(20 * 2**20, ge=1024, description="encoded size of one reference image")
+    max_image_pixels: int = Field(50_000_000, ge=64 * 64, description="decoded size of one reference image")
+    max_prompt_chars: int = Field(4000, ge=1, le=HARD_MAX_PROMPT)
+
+
+class Defaults(_Strict):
+    """Values of fields a request leaves out (AppArgs.defaults); `steps` etc. unset -> the recipe's."""
+
+    recipe: Recipe = "full"
+    width: int = Field(2048, ge=64, le=HARD_MAX_EDGE)
+    height: int = Field(2048, ge=64, le=HARD_MAX_EDGE)
+    exact_size: bool = False
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    n: int = Field(1, ge=1, le=HARD_MAX_N)
+
+
+# -- request ------------------------------------------------------------------------------------------
+
+
+class RefImage(_Strict):
+    image: str = Field(..., min_length=1, description="base64 or data URL (data:image/png;base64,...)")
+    role: Role | None = None
+
+
+class LayoutBox(_Strict):
+    bbox: Annotated[list[float], Field(min_length=4, max_length=4)] = Field(
+        ..., description="[x1, x2, y1, y2] as fractions of the output size (note the x-x-y-y order)"
+    )
+    text: str = Field("", max_length=1000)
+
+
+BoxValue = Annotated[list[float], Field(min_length=4, max_length=4)]
+
+
+class PruneStage(_Strict):
+    at: float = Field(..., gt=0.0, lt=1.0, description="fraction of the steps after which to prune")
+    keep: float = Field(..., gt=0.0, le=1.0, description="fraction of the remaining candidates to keep")
+
+
+class GenerateRequest(_Strict):
+    prompt: str = Field("", max_length=HARD_MAX_PROMPT)
+    refs: list[RefImage] = Field(default_factory=list, max_length=HARD_MAX_REFS)
+    layout_boxes: list[LayoutBox | BoxValue] | None = Field(None, max_length=64)
+    width: int | None = Field(None, ge=64, le=HARD_MAX_EDGE)
+    height: int | None = Field(None, ge=64, le=HARD_MAX_EDGE)
+    exact_size: bool | None = None
+    keep_original_aspect: bool = False
+    recipe: Recipe | None = None
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
+    shift: float | None = Field(None, ge=0.01, le=100.0, allow_inf_nan=False)
+    scheduler: Scheduler | None = None
+    noise_scale_start: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
+    noise_scale_end: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
+    noise_clip_std: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="first seed; candidates use seed, seed+1, ...")
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(None, min_length=1, max_length=HARD_MAX_N)
+    n: int | None = Field(None, ge=1, le=HARD_MAX_N, description="best-of-N; equals len(seeds) when both are given")
+    return_: ReturnWhat = Field("winner", alias="return")
+    prune: PruneStage | list[PruneStage] | None = Field(None, description="early pruning on previews (issue 4)")
+
+    def prune_stages(self) -> list[PruneStage]:
+        if self.prune is None:
+            return []
+        return [self.prune] if isinstance(self.prune, PruneStage) else list(self.prune)
+
+    def seed_list(self, limits: Limits, defaults: Defaults) -> list[int]:
+        if self.seeds is not None:
+            if self.seed is not None:
+                raise InvalidInput("seeds", "give either `seed` (first of a run) or `seeds` (explicit list), not both")
+            if self.n is not None and self.n != len(self.seeds):
+                raise InvalidInput("n", f"n={self.n} but {len(self.seeds)} seeds were given")
+            if len(self.seeds) > limits.max_n:
+                raise InvalidInput("seeds", f"at most {limits.max_n} seeds per request, got {len(self.seeds)}")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise InvalidInput("seeds", "seeds must be distinct")
+            return list(self.seeds)
+        n = defaults.n if self.n is None else self.n
+        if n > limits.max_n:
+            raise InvalidInput("n", f"must be at most {limits.max_n}, got {n}")
+        first = secrets.randbelow(RANDOM_SEED_BOUND) if self.seed is None else self.seed
+        if first + n - 1 > MAX_SEED:
+            raise InvalidInput("seed", f"seed + n - 1 must be at most {MAX_SEED}")
+        return [first + i for i in range(n)]
+
+    def to_engine(self, mode: str, limits: Limits, defaults: Defaults | None = None) -> tuple[GenerationParams, list[int]]:
+        """Engine params and the candidate seeds. Decodes the images (errors name `refs[i].image`)."""
+        defaults = defaults or Defaults()
+        if mode not in MODES:
+            raise InvalidInput("mode", f"must be one of {list(MODES)}, got {mode!r}")
+        if len(self.prompt) > limits.max_prompt_chars:
+            raise InvalidInput("prompt", f"at most {limits.max_prompt_chars} characters, got {len(self.prompt)}")
+        if mode == "t2i" and not self.prompt.strip():
+            raise InvalidInput("prompt", "t2i needs a non-empty prompt")
+        if len(self.refs) > limits.max_refs:
+            raise InvalidInput("refs", f"at most {limits.max_refs} reference images, got {len(self.refs)}")
+        if self.prune is not None:
+            raise InvalidInput("prune", "early pruning is not available on this server yet")
+        seeds = self.seed_list(limits, defaults)
+        images = [
+            decode_image(r.image, f"refs[{i}].image", limits.max_image_bytes, limits.max_image_pixels)
+            for i, r in enumerate(self.refs)
+        ]
+        params = GenerationParams(
+            mode=mode,
+            prompt=self.prompt,
+            refs=images,
+            ref_roles=[r.role for r in self.refs],
+            layout_boxes=self._engine_boxes(),
+            width=defaults.width if self.width is None else self.width,
+            height=defaults.height if self.height is None else self.height,
+            exact_size=defaults.exact_size if self.exact_size is None else self.exact_size,
+            keep_original_aspect=self.keep_original_aspect,
+            recipe=defaults.recipe if self.recipe is None else self.recipe,
+            steps=defaults.steps if self.steps is None else self.steps,
+            guidance=self.guidance,
+            shift=self.shift,
+            scheduler=self.scheduler,
+            noise_scale_start=self.noise_scale_start,
+            noise_scale_end=self.noise_scale_end,
+            noise_clip_std=self.noise_clip_std,
+        )
+        return params, seeds
+
+    def _engine_boxes(self) -> list | None:
+        if self.layout_boxes is None:
+            return None
+        return [
+            {"bbox": list(b.bbox), "text": b.text} if isinstance(b, LayoutBox) else list(b) for b in self.layout_boxes
+        ]
+
+    def log_summary(self) -> dict[str, Any]:
+        """What is safe and useful to log (no image data)."""
+        d = self.model_dump(exclude={"refs"}, by_alias=True, exclude_none=True)
+        d["refs"] = [{"role": r.role, "chars": len(r.image)} for r in self.refs]
+        d["prompt"] = self.prompt[:200]
+        return d
+
+
+# -- response -----------------------------------------------------------------------------------------
+
+
+class CandidateOut(BaseModel):
+    seed: int
+    score: float | None = Field(None, description="composite score; null when unscored")
+    scores: dict[str, float] | None = Field(None, description="score per scorer")
+    image: str | None = Field(None, description="base64 PNG (with return=all)")
+    pruned: bool = False
+    pruned_at_step: int | None = None
+    steps_computed: int = 0
+    replica: str | None = None
+
+
+class Winner(BaseModel):
+    seed: int
+    score: float | None
+    image: str = Field(..., description="base64 PNG; its text chunks carry prompt, seed, mode and settings")
+
+
+class Timings(BaseModel):
+    validate_: float = Field(0.0, alias="validate", serialization_alias="validate")
+    queued: float = Field(0.0, description="longest wait of a seed group before a replica started it")
+    generate: float = Field(0.0, description="wall time of the fan-out, queueing included")
+    score: float = 0.0
+    total: float = 0.0
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class GroupInfo(BaseModel):
+    replica: str
+    seeds: list[int]
+    queued: float
+    seconds: float
+
+
+class Debug(BaseModel):
+    replicas: dict[str, list[int]] = Field(default_factory=dict, description="generator replica -> seeds it made")
+    groups: list[GroupInfo] = Field(default_factory=list)
+    scorer: str | None = None
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    mode: Mode
+    scored: bool
+    winner: Winner
+    candidates: list[CandidateOut]
+    settings: dict[str, Any]
+    warnings: list[str]
+    steps_computed: int
+    steps_full: int
+    timings: Timings
+    debug: Debug

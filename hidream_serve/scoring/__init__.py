@@ -1,0 +1,1 @@
+"""Candidate scorers (prompt-image alignment, ...), each loaded from a local directory."""

@@ -1,0 +1,133 @@
+"""End-to-end engine behaviour on the tiny checkpoint: modes, seeds, batching, hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hidream_serve.engine.errors import InvalidInput
+from hidream_serve.engine.params import GenerationParams
+from tests.conftest import make_image
+
+SMALL = dict(width=128, height=128, exact_size=True, steps=3)
+
+
+def arr(img):
+    return np.asarray(img, dtype=np.int16)
+
+
+def test_t2i_is_reproducible_and_seed_dependent(pipe):
+    p = GenerationParams(mode="t2i", prompt="a red fox", **SMALL)
+    a = pipe(p, [5]).candidates[0].image
+    b = pipe(p, [5]).candidates[0].image
+    c = pipe(p, [6]).candidates[0].image
+    assert a.size == (128, 128)
+    assert np.array_equal(arr(a), arr(b))
+    assert np.abs(arr(a) - arr(c)).mean() > 5
+
+
+@pytest.mark.parametrize("recipe", ["full", "dev"])
+def test_candidate_is_independent_of_batch_position(pipe, recipe):
+    steps = None if recipe == "dev" else 3
+    p = GenerationParams(mode="ip", prompt="a toy", refs=[make_image(96, 64, 1)], width=128, height=128,
+                         exact_size=True, recipe=recipe, steps=steps)  # fmt: skip
+    solo = pipe(p, [11]).candidates[0].image
+    batch = pipe(p, [3, 11, 7]).candidates
+    assert [c.seed for c in batch] == [3, 11, 7]
+    diff = np.abs(arr(solo) - arr(batch[1].image))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_every_mode_runs(pipe):
+    refs = [make_image(64 + 16 * i, 96, i) for i in range(4)]
+    cases = {
+        "t2i": dict(),
+        "edit": dict(refs=refs[:1]),
+        "ip": dict(refs=refs[:3]),
+        "skeleton": dict(refs=refs[:4]),
+        "layout": dict(refs=refs[:2], layout_boxes=[{"bbox": [0.1, 0.4, 0.1, 0.9], "text": "a"}, [0.5, 0.9, 0.2, 0.8]]),
+    }
+    for mode, extra in cases.items():
+        r = pipe(GenerationParams(mode=mode, prompt="test", **SMALL, **extra), [1])
+        assert r.candidates[0].image.size == (128, 128), mode
+        n_refs = len(extra.get("refs", [])) + (1 if mode == "layout" else 0)
+        assert len(r.settings["ref_sizes"]) == n_refs, mode
+
+
+def test_uncond_keeps_refs_and_swaps_caption(pipe):
+    p = GenerationParams(mode="edit", prompt="make it blue", refs=[make_image(64, 64)], **SMALL)
+    prep = pipe.prepare(p)
+    cond, uncond = prep.cond.captions
+    image_pad = pipe.model.config.image_token_id
+    assert (cond.prefix_ids == image_pad).sum() == (uncond.prefix_ids == image_pad).sum() > 0
+    assert uncond.caption == " " and cond.caption == "make it blue"
+    assert torch.equal(cond.gen_positions[:, 1:], uncond.gen_positions[:, 1:])
+
+
+def test_no_uncond_pass_without_guidance(pipe):
+    prep = pipe.prepare(GenerationParams(mode="t2i", prompt="x", guidance=1.0, **SMALL))
+    assert len(prep.prefixes) == 1
+
+
+def test_step_hook_sees_x0_and_can_prune(pipe):
+    seen = []
+
+    def hook(state):
+        seen.append((state.step, list(state.seeds), tuple(state.x0.shape)))
+        if state.step == 0:
+            return [0, 2]
+        return None
+
+    p = GenerationParams(mode="t2i", prompt="x", **SMALL)
+    r = pipe(p, [1, 2, 3], on_step=hook)
+    assert seen[0] == (0, [1, 2, 3], (3, 16, 3072))
+    assert seen[1][1] == [1, 3]
+    pruned = [c for c in r.candidates if c.pruned_at_step is not None]
+    assert [c.seed for c in pruned] == [2] and pruned[0].image is None and pruned[0].preview.size == (128, 128)
+    assert [c.steps_computed for c in r.candidates] == [3, 1, 3]
+    # survivors equal their unpruned runs
+    full = pipe(p, [3]).candidates[0].image
+    assert np.abs(arr(full) - arr(r.candidates[2].image)).max() <= 1
+
+
+def test_settings_report_snapping_and_tokens(pipe):
+    p = GenerationParams(mode="t2i", prompt="x", width=1000, height=1500, steps=1)
+    prep = pipe.prepare(p)
+    s = prep.settings()
+    assert (s["width"], s["height"]) == (1664, 2496)
+    assert any("snapped from 1000x1500 to trained size 1664x2496" in w for w in prep.warnings)
+    assert s["target_tokens"] == (1664 // 32) * (2496 // 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(mode="edit", refs=[]), "refs"),
+        (dict(mode="skeleton", refs=["one"]), "refs"),
+        (dict(mode="t2i", steps=0), "steps"),
+        (dict(mode="t2i", scheduler="ddim"), "scheduler"),
+        (dict(mode="t2i", recipe="turbo"), "recipe"),
+        (dict(mode="t2i", width=100, height=128, exact_size=True), "width"),
+        (dict(mode="t2i", guidance=-1.0), "guidance"),
+        (dict(mode="layout", refs=["one"]), "layout_boxes"),
+        (dict(mode="layout", refs=["one"], layout_boxes=[[0.5, 0.2, 0.1, 0.9]]), "layout_boxes[0]"),
+        (dict(mode="ip", refs=["one", "two"], keep_original_aspect=True), "keep_original_aspect"),
+    ],
+)
+def test_bad_input_names_the_field(pipe, kwargs, field):
+    kwargs = dict(kwargs)
+    kwargs["refs"] = [make_image(64, 64, i) for i, _ in enumerate(kwargs.get("refs", []))]
+    base = dict(prompt="x", width=128, height=128, exact_size=True)
+    base.update(kwargs)
+    with pytest.raises(InvalidInput) as e:
+        pipe(GenerationParams(**base), [1])
+    assert e.value.field == field
+
+
+def test_bad_seeds(pipe):
+    p = GenerationParams(mode="t2i", prompt="x", **SMALL)
+    for seeds, field in (([], "seeds"), ([1, 1], "seeds"), ([1, -3], "seeds[1]")):
+        with pytest.raises(InvalidInput) as e:
+            pipe(p, seeds)
+        assert e.value.field == field
