@@ -104,14 +104,15 @@ def test_every_module_moves_the_output(tiny_dir):
     from hidream_serve.engine.pipeline import HiDreamPipeline
     from tests.conftest import make_image
 
-    pipe = HiDreamPipeline.from_pretrained(tiny_dir)
+    pipe = HiDreamPipeline.from_pretrained(tiny_dir, fuse=False)
     p = GenerationParams(mode="ip", prompt="x", refs=[make_image(64, 64)], width=64, height=64, exact_size=True,
                          steps=1, guidance=1.0)  # fmt: skip
 
     def predict():
         prep = pipe.prepare(p)
         z = torch.zeros(1, 4, 3072)
-        return pipe._predict(prep, z, prep.cond.ref_patches, torch.tensor([0.5]))[0]
+        ropes = [pipe.model.gen_rope(c.gen_positions[:, None]) for c in prep.cond.captions]
+        return pipe._predict(prep, z, prep.cond.ref_patches, torch.tensor([0.5]), ropes)[0]
 
     base = predict()
     m = pipe.model.model
@@ -130,3 +131,18 @@ def test_every_module_moves_the_output(tiny_dir):
         moved = (predict() - base).abs().max().item()
         mod.load_state_dict(saved)
         assert moved > 1e-4, f"{name} does not affect the output"
+
+
+def test_fused_projections_match_separate(tiny_dir):
+    from hidream_serve.engine.params import GenerationParams
+    from hidream_serve.engine.pipeline import HiDreamPipeline
+
+    p = GenerationParams(mode="t2i", prompt="x", width=64, height=64, exact_size=True, steps=2)
+    a = HiDreamPipeline.from_pretrained(tiny_dir, fuse=False)(p, [1]).candidates[0].image
+    fused = HiDreamPipeline.from_pretrained(tiny_dir, fuse=True)
+    b = fused(p, [1]).candidates[0].image
+    import numpy as np
+
+    assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    attn = fused.model.model.language_model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()

@@ -19,9 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # optional GPU extra; PyTorch SDPA otherwise
+    from flash_attn import flash_attn_func as _flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    _flash_attn_func = None
 from transformers import Qwen3VLConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
-    Qwen3VLTextMLP,
     Qwen3VLTextRMSNorm,
     Qwen3VLTextRotaryEmbedding,
     Qwen3VLVisionModel,
@@ -98,6 +102,39 @@ class PrefixCache:
     length: int
 
 
+def _fuse_linears(linears: list[nn.Linear], attr: str = "weight") -> torch.Tensor:
+    """Concatenate the linears' weights (or biases) and re-point each linear at its slice: no extra memory."""
+    fused = torch.cat([getattr(lin, attr).detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        n = getattr(lin, attr).shape[0]
+        setattr(lin, attr, nn.Parameter(fused[start : start + n], requires_grad=False))
+        start += n
+    return fused
+
+
+class TextMLP(nn.Module):
+    """SwiGLU MLP; `fuse()` merges gate and up projections into one matmul (inference only)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.gate_up: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        self.gate_up = _fuse_linears([self.gate_proj, self.up_proj])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
 class TextAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -112,17 +149,42 @@ class TextAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
         self.q_norm = Qwen3VLTextRMSNorm(hd, eps=cfg.rms_norm_eps)
         self.k_norm = Qwen3VLTextRMSNorm(hd, eps=cfg.rms_norm_eps)
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One matmul for q, k and v (inference only; the separate weights stay for loading)."""
+        self.qkv_weight = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if self.q_proj.bias is not None:
+            self.qkv_bias = _fuse_linears([self.q_proj, self.k_proj, self.v_proj], attr="bias")
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, KVH, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        hd = self.head_dim
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+                [self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1
+            )
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(B, T, self.n_heads, hd)).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_norm(k.view(B, T, self.n_kv, hd)).transpose(1, 2)  # (B, KVH, T, hd)
+        v = v.view(B, T, self.n_kv, hd).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, causal: bool) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
-        B, _, T, _ = out.shape
+        # q: (B, H, T, hd); k, v: (B, KVH, S, hd)
+        B, _, T, _ = q.shape
+        if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+            return self.o_proj(out.reshape(B, T, -1))
+        if q.is_cuda and self.n_kv != self.n_heads:
+            # expanded heads keep PyTorch on its flash kernel whatever the GQA support of the build
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -132,7 +194,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = Qwen3VLTextRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.self_attn = TextAttention(cfg)
         self.post_attention_layernorm = Qwen3VLTextRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.mlp = Qwen3VLTextMLP(cfg)
+        self.mlp = TextMLP(cfg)
 
     def forward_prefix(self, x, cos, sin) -> tuple[torch.Tensor, LayerKV]:
         """Causal pass over the prefix; returns its output and its keys/values."""
@@ -229,22 +291,37 @@ class HiDreamO1(nn.Module):
                 x[0, image_mask] = x[0, image_mask] + deepstack[i].to(x.dtype)
         return PrefixCache(kvs, int(input_ids.shape[0]))
 
+    def fuse_projections(self) -> None:
+        """Fused q/k/v and gate/up matmuls for inference (same math, fewer and larger kernels)."""
+        for layer in self.model.language_model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def gen_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (N, G, hd) for the generated tokens; constant over a run, so computed once."""
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        return self.model.language_model.rope(probe, positions.to(self.device))
+
     def denoise(
         self,
         t_emb_input: torch.Tensor,  # (N,) flow time t in [0, 1]
         patches: torch.Tensor,  # (N, L_tgt + L_ref, 3072) noisy target patches then clean ref patches
-        positions: torch.Tensor,  # (3, N, G) rope positions of [tms, target, refs]
+        rope: tuple[torch.Tensor, torch.Tensor],  # from gen_rope: positions of [tms, target, refs]
         prefixes: list[tuple[slice, PrefixCache]],  # rows of the batch that attend to each prefix
         target_len: int,
+        layer_fn=None,  # optional compiled replacement of DecoderLayer.forward_generated
     ) -> torch.Tensor:
         """One network evaluation; returns the clean-image prediction for the target, (N, L_tgt, 3072)."""
         m = self.model
         lm = m.language_model
         t_tok = m.t_embedder1(t_emb_input)[:, None]  # (N, 1, D)
         x = torch.cat([t_tok.to(self.dtype), m.x_embedder(patches.to(self.dtype))], dim=1)  # (N, G, D)
-        cos, sin = lm.rope(x, positions)
+        cos, sin = rope
         for i, layer in enumerate(lm.layers):
             groups = [(rows, cache.layers[i]) for rows, cache in prefixes]
-            x = layer.forward_generated(x, cos, sin, groups)
+            if layer_fn is None:
+                x = layer.forward_generated(x, cos, sin, groups)
+            else:
+                x = layer_fn(layer, x, cos, sin, groups)
         x = lm.norm(x[:, 1 : 1 + target_len])
         return m.final_layer2(x)

@@ -108,16 +108,26 @@ def initial_noise(seed: int, height: int, width: int, scale: float) -> torch.Ten
     return noise.reshape(1, (height // p) * (width // p), 3 * p * p)
 
 
+def _generated_layer(layer, x, cos, sin, groups):
+    return layer.forward_generated(x, cos, sin, groups)
+
+
 class HiDreamPipeline:
-    def __init__(self, checkpoint: LoadedCheckpoint, max_batch: int = 4):
+    """Engine entry point. `max_batch` candidates denoise together (CFG doubles the rows); `fuse` merges
+    q/k/v and gate/up matmuls; `compile` runs the decoder layer through torch.compile (GPU)."""
+
+    def __init__(self, checkpoint: LoadedCheckpoint, max_batch: int = 4, fuse: bool = True, compile: bool = False):
         self.model = checkpoint.model
         self.checkpoint_path = checkpoint.path
         self.conditioning = ConditioningBuilder(checkpoint.tokenizer, self.model.config, checkpoint.vision_cfg)
         self.max_batch = max_batch
+        if fuse:
+            self.model.fuse_projections()
+        self.layer_fn = torch.compile(_generated_layer, dynamic=False) if compile else None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None, max_batch: int = 4):
-        return cls(load_checkpoint(path, device, dtype), max_batch=max_batch)
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None, **options):
+        return cls(load_checkpoint(path, device, dtype), **options)
 
     @property
     def device(self) -> torch.device:
@@ -182,12 +192,14 @@ class HiDreamPipeline:
         active = list(range(len(seeds)))
         results = {sd: Candidate(sd, None) for sd in seeds}
         ref = None if cond.ref_patches is None else cond.ref_patches.to(dev, dtype)
+        # generated-token rope per caption, (1, G, hd); expanded to the batch in _predict
+        ropes = [self.model.gen_rope(c.gen_positions[:, None]) for c in cond.captions]
         for i, step_t in enumerate(timesteps):
             t_frac = step_t.float() / 1000.0
             t_in = (1.0 - t_frac).reshape(1)
             sigma = t_frac.to(torch.float32).clamp_min(MIN_SIGMA)
 
-            x0 = self._predict(prep, z, ref, t_in)  # list per caption of (B, L, 3072)
+            x0 = self._predict(prep, z, ref, t_in, ropes)  # list per caption of (B, L, 3072)
             v = [(x.to(torch.float32) - z.to(torch.float32)) / sigma for x in x0]
             guided = v[0] if len(v) == 1 else v[1] + s.guidance * (v[0] - v[1])
             z = sched.step(
@@ -219,16 +231,15 @@ class HiDreamPipeline:
             results[seeds[a]].image = Image.fromarray(patches_to_uint8(x01[row], cond.height, cond.width))
         return [results[sd] for sd in seeds]
 
-    def _predict(self, prep: PreparedRequest, z: torch.Tensor, ref, t_in: torch.Tensor) -> list[torch.Tensor]:
+    def _predict(self, prep: PreparedRequest, z: torch.Tensor, ref, t_in: torch.Tensor, ropes) -> list[torch.Tensor]:
         """Clean-image predictions of every caption for every candidate, in one batched network call."""
         B = z.shape[0]
         n_caps = len(prep.prefixes)
         patches = z if ref is None else torch.cat([z, ref[None].expand(B, -1, -1)], dim=1)
         patches = patches.repeat(n_caps, 1, 1)  # (n_caps*B, L+Lr, 3072), caption-major
-        positions = torch.cat(
-            [c.gen_positions[:, None].expand(-1, B, -1) for c in prep.cond.captions], dim=1
-        ).to(self.device)  # (3, n_caps*B, G)
+        cos = torch.cat([c.expand(B, -1, -1) for c, _ in ropes])  # (n_caps*B, G, hd)
+        sin = torch.cat([s.expand(B, -1, -1) for _, s in ropes])
         groups = [(slice(k * B, (k + 1) * B), prep.prefixes[k]) for k in range(n_caps)]
         t = t_in.to(self.device).expand(n_caps * B)
-        x0 = self.model.denoise(t, patches, positions, groups, prep.cond.target_len)
+        x0 = self.model.denoise(t, patches, (cos, sin), groups, prep.cond.target_len, self.layer_fn)
         return [x0[k * B : (k + 1) * B] for k in range(n_caps)]

@@ -1,0 +1,60 @@
+"""Runtime tunables of each deployment, delivered as Ray Serve `user_config` and applied in `reconfigure`.
+
+They can be changed on a running application (`serve deploy` with a new `user_config`) without
+restarting replicas. `AppArgs` (services/app.py) carries the initial values.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RouterConfig(_Config):
+    seeds_per_call: int = Field(2, ge=1, le=256, description="seeds per generator call (one batch on one replica)")
+    generate_timeout_s: float = Field(900.0, gt=0, description="deadline of one generator call")
+    score_timeout_s: float = Field(120.0, gt=0, description="deadline of the scorer call; past it, unscored")
+    retry_after_s: float = Field(5.0, ge=0, description="Retry-After sent with 503 when overloaded")
+    max_body_bytes: int = Field(300 * 2**20, ge=1024, description="largest request body accepted (413 above)")
+    ready_cache_s: float = Field(2.0, ge=0, description="how long /readyz reuses its answer")
+
+
+class GeneratorConfig(_Config):
+    max_batch: int = Field(4, ge=1, le=256, description="candidates denoised in one forward (memory bound)")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for torch (None: leave)")
+    png_compress_level: int = Field(4, ge=0, le=9)
+
+
+class ScorerConfig(_Config):
+    batch_size: int = Field(16, ge=1, le=1024, description="images per scorer forward")
+    torch_threads: int | None = Field(None, ge=1, le=1024)
+
+
+def replica_name() -> str:
+    """`Deployment#replica` of the current Serve replica, or `local` outside Serve."""
+    try:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        return f"{ctx.deployment}#{ctx.replica_tag}"
+    except Exception:  # noqa: BLE001 - not inside a replica
+        return "local"
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]

@@ -1,0 +1,166 @@
+"""Best-of-N: split the seeds into groups, generate the groups concurrently, score the set, pick the winner.
+
+Plain asyncio over two injected coroutines, `generate(params, seeds)` and `score(prompt, pngs)`; the
+router passes Ray Serve handle calls, tests pass fakes. Rules:
+
+- a group failing on bad input fails the request (every group has the same input); other group
+  failures drop those seeds with a warning, unless every group failed;
+- a scoring failure (error, timeout, no scorer) never loses candidates: they come back unscored
+  with a warning, and the winner is the lowest seed;
+- the winner is the highest score, ties broken by the lowest seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hidream_serve.api.errors import BadRequest, ServiceError, classify
+
+from .config import RouterConfig
+
+log = logging.getLogger("hidream_serve.router")
+
+GenerateFn = Callable[[Any, list[int]], Awaitable[dict]]
+ScoreFn = Callable[[str, list[bytes]], Awaitable[dict]]
+
+
+@dataclass
+class Scored:
+    seed: int
+    png: bytes | None
+    replica: str
+    steps_computed: int = 0
+    pruned_at_step: int | None = None
+    score: float | None = None
+    scores: dict[str, float] | None = None
+
+
+@dataclass
+class Outcome:
+    candidates: list[Scored]
+    winner: Scored
+    scored: bool
+    settings: dict
+    warnings: list[str]
+    groups: list[dict]
+    scorer: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def split_seeds(seeds: list[int], per_call: int) -> list[list[int]]:
+    """Groups of at most `per_call` seeds, sizes as even as possible (5 by 2 -> 2, 2, 1)."""
+    n_groups = math.ceil(len(seeds) / per_call)
+    base, extra = divmod(len(seeds), n_groups)
+    groups, start = [], 0
+    for g in range(n_groups):
+        size = base + (1 if g < extra else 0)
+        groups.append(seeds[start : start + size])
+        start += size
+    return groups
+
+
+def pick_winner(cands: list[Scored]) -> Scored:
+    finished = [c for c in cands if c.png is not None and c.pruned_at_step is None] or cands
+    scored = [c for c in finished if c.score is not None]
+    if not scored:
+        return min(finished, key=lambda c: c.seed)
+    return max(scored, key=lambda c: (c.score, -c.seed))
+
+
+async def best_of_n(params, seeds: list[int], generate: GenerateFn, score: ScoreFn | None,
+                    config: RouterConfig) -> Outcome:  # fmt: skip
+    warnings: list[str] = []
+    groups = split_seeds(seeds, config.seeds_per_call)
+
+    # -- generate: all groups at once; each group is one batch on one replica -----------------------
+    t0 = time.perf_counter()
+
+    async def one(group: list[int]) -> tuple[dict, float]:
+        start = time.perf_counter()
+        out = await asyncio.wait_for(generate(params, group), config.generate_timeout_s)
+        return out, time.perf_counter() - start
+
+    results = await asyncio.gather(*(one(g) for g in groups), return_exceptions=True)
+    t_gen = time.perf_counter() - t0
+    errors = [(g, r) for g, r in zip(groups, results) if isinstance(r, BaseException)]
+    for _, r in errors:
+        if isinstance(r, asyncio.CancelledError):
+            raise r
+        err = classify(r)
+        if isinstance(err, BadRequest):
+            raise err
+    if len(errors) == len(groups):
+        raise classify(errors[0][1])
+    for g, r in errors:
+        err = classify(r)
+        log.warning("seeds %s failed: %s", g, err.message)
+        warnings.append(f"seeds {g} were not generated: {err.message}")
+
+    candidates: list[Scored] = []
+    group_info: list[dict] = []
+    settings: dict = {}
+    for g, r in zip(groups, results):
+        if isinstance(r, BaseException):
+            continue
+        out, wall = r
+        settings = settings or out["settings"]
+        for w in out.get("warnings", []):
+            if w not in warnings:
+                warnings.append(w)
+        busy = float(out.get("busy_s", wall))
+        group_info.append({"replica": out["replica"], "seeds": g, "queued": max(0.0, wall - busy), "seconds": wall})
+        for c in out["candidates"]:
+            candidates.append(Scored(seed=c["seed"], png=c["png"], replica=out["replica"],
+                                     steps_computed=c.get("steps_computed", 0),
+                                     pruned_at_step=c.get("pruned_at_step")))  # fmt: skip
+    order = {s: i for i, s in enumerate(seeds)}
+    candidates.sort(key=lambda c: order[c.seed])
+
+    # -- score: the whole set in one call; failure -> unscored, never lost -------------------------------
+    t1 = time.perf_counter()
+    scorer_name = None
+    to_score = [c for c in candidates if c.png is not None]
+    scored = False
+    if score is None:
+        warnings.append("no scorer is configured: candidates are unscored and the winner is the lowest seed")
+    elif to_score:
+        try:
+            res = await asyncio.wait_for(score(params.prompt, [c.png for c in to_score]), config.score_timeout_s)
+            composite, breakdown = res["composite"], res.get("scores") or [None] * len(to_score)
+            if len(composite) != len(to_score):
+                raise ValueError(f"scorer returned {len(composite)} scores for {len(to_score)} images")
+            bad = 0
+            for c, s, b in zip(to_score, composite, breakdown):
+                if s is None or not math.isfinite(float(s)):
+                    bad += 1
+                    continue
+                c.score = float(s)
+                c.scores = {k: float(v) for k, v in b.items()} if b else None
+            if bad:
+                warnings.append(f"{bad} candidate(s) got no finite score and count as unscored")
+            scored = bad < len(to_score)
+            scorer_name = res.get("replica")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - scoring must never lose the candidates
+            err = classify(e)
+            reason = err.message if isinstance(err, ServiceError) and err.status < 500 else type(e).__name__
+            if isinstance(e, asyncio.TimeoutError):
+                reason = f"timed out after {config.score_timeout_s:g}s"
+            log.warning("scoring failed: %r", e)
+            warnings.append(f"scoring failed ({reason}): candidates are unscored and the winner is the lowest seed")
+            for c in to_score:
+                c.score = c.scores = None
+    t_score = time.perf_counter() - t1
+
+    return Outcome(
+        candidates=candidates, winner=pick_winner(candidates), scored=scored, settings=settings, warnings=warnings,
+        groups=group_info, scorer=scorer_name,
+        timings={"queued": max((g["queued"] for g in group_info), default=0.0), "generate": t_gen, "score": t_score},
+    )  # fmt: skip

@@ -1,0 +1,101 @@
+"""Generator deployment: one HiDream pipeline per replica (one GPU in production), loaded once.
+
+`generate(params, seeds, meta)` denoises one group of seeds as a batch (the engine chunks it by
+`max_batch`) in a worker thread, so the replica keeps answering health checks while it works, and
+returns PNGs whose text chunks carry the prompt, seed, mode and effective settings.
+Engine errors are converted to the service's picklable errors before they leave the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+from ray import serve
+
+from hidream_serve.api.errors import Unavailable, classify
+from hidream_serve.api.images import encode_png
+from hidream_serve.embedded import model_dir
+from hidream_serve.engine.params import GenerationParams
+
+from .config import GeneratorConfig, pick_device, pick_dtype, replica_name
+
+log = logging.getLogger("hidream_serve.generator")
+
+
+@serve.deployment(name="Generator", max_ongoing_requests=1, ray_actor_options={"num_cpus": 1})
+class Generator:
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto"):
+        import torch
+
+        from hidream_serve.engine.pipeline import HiDreamPipeline
+
+        self.config = GeneratorConfig()
+        self.device = pick_device(device)
+        self.path = model_dir(model)
+        self.spec = model
+        t0 = time.perf_counter()
+        self.pipe = HiDreamPipeline.from_pretrained(self.path, device=self.device, dtype=pick_dtype(dtype, self.device),
+                                                    max_batch=self.config.max_batch)  # fmt: skip
+        self.replica = replica_name()
+        self._lock = threading.Lock()  # one engine call at a time, whatever max_ongoing_requests says
+        self._broken: str | None = None
+        self._torch = torch
+        log.info("%s loaded %s on %s in %.1fs", self.replica, self.path, self.device, time.perf_counter() - t0)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.config = GeneratorConfig.model_validate(user_config or {})
+        self.pipe.max_batch = self.config.max_batch
+        if self.config.torch_threads:
+            self._torch.set_num_threads(self.config.torch_threads)
+
+    def check_health(self) -> None:
+        if self._broken:
+            raise RuntimeError(f"generator replica is unusable: {self._broken}")
+
+    async def info(self) -> dict:
+        return {"replica": self.replica, "checkpoint": str(self.path), "spec": self.spec, "device": self.device,
+                "dtype": str(self.pipe.dtype).removeprefix("torch."), "max_batch": self.pipe.max_batch}  # fmt: skip
+
+    async def generate(self, params: GenerationParams, seeds: list[int], meta: dict | None = None) -> dict:
+        t0 = time.perf_counter()
+        try:
+            out = await asyncio.to_thread(self._generate, params, list(seeds), meta or {})
+        except Exception as e:  # noqa: BLE001 - every error leaves as a picklable ServiceError
+            raise self._convert(e) from None
+        out["busy_s"] = time.perf_counter() - t0
+        return out
+
+    def _generate(self, params: GenerationParams, seeds: list[int], meta: dict) -> dict:
+        with self._lock:
+            t0 = time.perf_counter()
+            result = self.pipe(params, seeds)
+            t1 = time.perf_counter()
+        settings = dict(result.settings)
+        text = {"prompt": params.prompt, "mode": params.mode, "settings": settings,
+                "refs": [{"role": r} for r in params.ref_roles] or None, "request_id": meta.get("request_id")}  # fmt: skip
+        candidates = []
+        for c in result.candidates:
+            img = c.image if c.image is not None else c.preview
+            png = None if img is None else encode_png(img, {**text, "seed": str(c.seed)}, self.config.png_compress_level)
+            candidates.append({"seed": c.seed, "png": png, "pruned_at_step": c.pruned_at_step,
+                               "steps_computed": c.steps_computed})  # fmt: skip
+        return {
+            "replica": self.replica, "candidates": candidates, "settings": settings, "warnings": list(result.warnings),
+            "engine_s": t1 - t0, "encode_s": time.perf_counter() - t1, "timings": dict(result.timings),
+        }  # fmt: skip
+
+    def _convert(self, e: Exception):
+        torch = self._torch
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            log.warning("%s: out of memory on a batch of %s", self.replica, self.pipe.max_batch)
+            return Unavailable("the generator ran out of GPU memory; retry, or ask for fewer candidates")
+        if "CUDA error" in str(e) or "device-side assert" in str(e):
+            self._broken = f"{type(e).__name__}: {e}"  # the context is poisoned; let Serve replace the replica
+        err = classify(e)
+        if err.status >= 500:
+            log.exception("%s: generation failed", self.replica, exc_info=e)
+        return err

@@ -1,0 +1,168 @@
+"""HTTP ingress: validates a request completely, fans best-of-N out to generator replicas, scores, answers.
+
+Routes: `POST /v1/generate/{mode}`, `GET /v1/models`, `GET /healthz` (alive), `GET /readyz` (503 until
+a generator and the scorer replica are running). Validation (schema, image decoding, every engine
+input rule, operator limits) happens here, before any generator is asked, so a bad request never
+occupies a GPU. Errors become responses in one place: `hidream_serve.api.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from hidream_serve.api.checks import precheck
+from hidream_serve.api.errors import PayloadTooLarge, error_response, install_error_handlers
+from hidream_serve.api.images import b64
+from hidream_serve.api.protocol import (
+    CandidateOut, Debug, Defaults, GenerateRequest, GenerateResponse, GroupInfo, Limits, Mode, Timings, Winner,
+)  # fmt: skip
+from hidream_serve.engine.params import DEV, FULL, MODES, RECIPES, SCHEDULERS
+
+from .config import RouterConfig
+from .fanout import best_of_n
+
+log = logging.getLogger("hidream_serve.router")
+
+app = FastAPI(title="hidream-serve", version="0.1.0",
+              description="HiDream-O1-Image: every mode behind one HTTP API, best-of-N on Ray Serve")  # fmt: skip
+_state: dict[str, Any] = {"retry_after_s": 5.0, "max_body_bytes": 300 * 2**20}
+install_error_handlers(app, retry_after_s=lambda: _state["retry_after_s"])
+
+
+@app.middleware("http")
+async def _request_id_and_size(request: Request, call_next):
+    rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request.state.request_id = rid
+    request.state.t0 = time.perf_counter()
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > _state["max_body_bytes"]:
+        err = PayloadTooLarge(f"request body is {length} bytes, more than {_state['max_body_bytes']}", field="body")
+        return error_response(err, rid)
+    response = await call_next(request)
+    response.headers.setdefault("X-Request-Id", rid)
+    return response
+
+
+@serve.deployment(name="Router", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Router:
+    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, info: dict):
+        self.generator = generator
+        self.scorer = scorer
+        self.limits = Limits.model_validate(info["limits"])
+        self.defaults = Defaults.model_validate(info["defaults"])
+        self.info = info
+        self.config = RouterConfig()
+        self._ready: tuple[float, bool, dict] | None = None
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.config = RouterConfig.model_validate(user_config or {})
+        _state["retry_after_s"] = self.config.retry_after_s
+        _state["max_body_bytes"] = self.config.max_body_bytes
+
+    # -- generate -----------------------------------------------------------------------------------
+    @app.post("/v1/generate/{mode}", response_model=GenerateResponse, response_model_exclude_none=False)
+    async def generate(self, mode: Mode, body: GenerateRequest, request: Request) -> JSONResponse:
+        rid = request.state.request_id
+        t0 = request.state.t0
+        try:
+            params, seeds = body.to_engine(mode, self.limits, self.defaults)
+            pre = await asyncio.to_thread(precheck, params, seeds, self.limits)
+            t_valid = time.perf_counter() - t0
+            meta = {"request_id": rid}
+
+            async def generate(p, group):
+                return await self.generator.generate.remote(p, group, meta)
+
+            async def score(prompt, pngs):
+                return await self.scorer.score.remote(prompt, pngs)
+
+            out = await best_of_n(params, seeds, generate, score if self.scorer is not None else None, self.config)
+        except Exception as e:  # noqa: BLE001 - the one mapping, in hidream_serve.api.errors
+            return error_response(e, rid, self.config.retry_after_s)
+
+        warnings = list(dict.fromkeys(pre["warnings"] + out.warnings))
+        full = body.return_ == "all"
+        candidates = [
+            CandidateOut(seed=c.seed, score=c.score, scores=c.scores, image=b64(c.png) if full and c.png else None,
+                         pruned=c.pruned_at_step is not None, pruned_at_step=c.pruned_at_step,
+                         steps_computed=c.steps_computed, replica=c.replica)  # fmt: skip
+            for c in out.candidates
+        ]
+        replicas: dict[str, list[int]] = {}
+        for g in out.groups:
+            replicas.setdefault(g["replica"], []).extend(g["seeds"])
+        steps = int(out.settings.get("steps") or pre["steps"])
+        resp = GenerateResponse(
+            id=rid, mode=mode, scored=out.scored,
+            winner=Winner(seed=out.winner.seed, score=out.winner.score, image=b64(out.winner.png)),
+            candidates=candidates, settings=out.settings, warnings=warnings,
+            steps_computed=sum(c.steps_computed for c in out.candidates), steps_full=steps * len(out.candidates),
+            timings=Timings(validate=t_valid, total=time.perf_counter() - t0, **out.timings),
+            debug=Debug(replicas=replicas, groups=[GroupInfo(**g) for g in out.groups], scorer=out.scorer),
+        )  # fmt: skip
+        log.info("request %s %s n=%d winner=%d total=%.2fs", rid, mode, len(seeds), out.winner.seed, resp.timings.total)
+        return JSONResponse(resp.model_dump(mode="json", by_alias=True), headers={"X-Request-Id": rid})
+
+    # -- metadata and probes ------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        def recipe(r) -> dict:
+            return {"steps": r.steps, "guidance": r.guidance, "shift": r.shift, "scheduler": r.scheduler,
+                    "fixed_timesteps": r.timesteps is not None}  # fmt: skip
+
+        return {
+            "object": "list",
+            "data": [{"id": self.info["model_name"], "object": "model", "checkpoint": self.info["model"],
+                      "owned_by": "hidream-serve"}],  # fmt: skip
+            "checkpoint": self.info["model"],
+            "scorer": self.info["scorer"],
+            "modes": list(MODES),
+            "recipes": {name: recipe(r) for name, r in zip(RECIPES, (FULL, DEV))},
+            "schedulers": list(SCHEDULERS),
+            "ref_roles": ["face", "subject", "garment", "background", "pose", "style"],
+            "limits": self.limits.model_dump(),
+            "defaults": self.defaults.model_dump(),
+            "seeds_per_call": self.config.seeds_per_call,
+        }
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        now = time.monotonic()
+        if self._ready is None or now - self._ready[0] > self.config.ready_cache_s:
+            ready, detail = await asyncio.to_thread(self._check_ready)
+            self._ready = (now, ready, detail)
+        _, ready, detail = self._ready
+        if ready:
+            return JSONResponse({"status": "ready", "deployments": detail})
+        return JSONResponse({"status": "not_ready", "deployments": detail}, status_code=503,
+                            headers={"Retry-After": str(max(1, int(self.config.retry_after_s)))})  # fmt: skip
+
+    def _check_ready(self) -> tuple[bool, dict]:
+        """Ready when every model deployment of this application has at least one running replica."""
+        try:
+            app_name = serve.get_replica_context().app_name
+            status = serve.status().applications[app_name]
+        except Exception as e:  # noqa: BLE001 - no controller answer means not ready
+            return False, {"error": type(e).__name__}
+        needed = ["Generator"] + (["Scorer"] if self.scorer is not None else [])
+        detail, ready = {}, True
+        for name in needed:
+            dep = status.deployments.get(name)
+            running = 0 if dep is None else sum(n for st, n in dep.replica_states.items() if str(st).endswith("RUNNING"))
+            detail[name] = {"running_replicas": running, "status": None if dep is None else str(dep.status.value)}
+            ready = ready and running > 0
+        return ready, detail
