@@ -108,7 +108,7 @@ def random_state_dict(config_json: dict, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tokenizer_files(out: Path) -> None:
+def write_tokenizer_files(out: Path) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
@@ -142,7 +142,7 @@ def _tokenizer_files(out: Path) -> None:
     (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
 
 
-def _processor_files(out: Path) -> None:
+def write_processor_files(out: Path) -> None:
     pre = {
         "size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
         "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
@@ -180,7 +180,7 @@ def write_tiny_checkpoint(out: str | Path, seed: int = 0, shards: int = 1, text:
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    _tokenizer_files(out)
-    _processor_files(out)
+    write_tokenizer_files(out)
+    write_processor_files(out)
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": [151645, 151643]}))
     return out

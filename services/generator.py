@@ -75,7 +75,7 @@ class Generator:
             t1 = time.perf_counter()
         settings = dict(result.settings)
         text = {"prompt": params.prompt, "mode": params.mode, "settings": settings,
-                "refs": [{"role": r} for r in params.ref_roles] or None, "request_id": meta.get("request_id")}  # fmt: skip
+                "ref_roles": list(params.ref_roles) or None}  # fmt: skip
         candidates = []
         for c in result.candidates:
             img = c.image if c.image is not None else c.preview

@@ -6,13 +6,12 @@ input rule, operator limits) happens here, before any generator is asked, so a b
 occupies a GPU. Errors become responses in one place: `hidream_serve.api.errors`.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -44,6 +43,7 @@ async def _request_id_and_size(request: Request, call_next):
     request.state.request_id = rid
     request.state.t0 = time.perf_counter()
     length = request.headers.get("content-length")
+    print("MWDEBUG", length, _state, id(_state), flush=True)
     if length is not None and length.isdigit() and int(length) > _state["max_body_bytes"]:
         err = PayloadTooLarge(f"request body is {length} bytes, more than {_state['max_body_bytes']}", field="body")
         return error_response(err, rid)
@@ -55,7 +55,7 @@ async def _request_id_and_size(request: Request, call_next):
 @serve.deployment(name="Router", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Router:
-    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, info: dict):
+    def __init__(self, generator: DeploymentHandle, scorer: Optional[DeploymentHandle], info: dict):
         self.generator = generator
         self.scorer = scorer
         self.limits = Limits.model_validate(info["limits"])
@@ -68,6 +68,7 @@ class Router:
         self.config = RouterConfig.model_validate(user_config or {})
         _state["retry_after_s"] = self.config.retry_after_s
         _state["max_body_bytes"] = self.config.max_body_bytes
+        print("RECONF", _state, id(_state), flush=True)
 
     # -- generate -----------------------------------------------------------------------------------
     @app.post("/v1/generate/{mode}", response_model=GenerateResponse, response_model_exclude_none=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from hidream_serve.engine.errors import InvalidInput
 from hidream_serve.engine.params import MAX_STEPS, MODES, RECIPES, SCHEDULERS, GenerationParams
@@ -79,7 +79,16 @@ class LayoutBox(_Strict):
     text: str = Field("", max_length=1000)
 
 
-BoxValue = Annotated[list[float], Field(min_length=4, max_length=4)]
+def _box_item(v: Any) -> Any:
+    """A bare [x1, x2, y1, y2] is shorthand for {"bbox": [...]}; one model keeps error paths plain."""
+    return {"bbox": v} if isinstance(v, (list, tuple)) else v
+
+
+def _stage_list(v: Any) -> Any:
+    return [v] if isinstance(v, dict) else v
+
+
+BoxItem = Annotated[LayoutBox, BeforeValidator(_box_item)]
 
 
 class PruneStage(_Strict):
@@ -90,7 +99,9 @@ class PruneStage(_Strict):
 class GenerateRequest(_Strict):
     prompt: str = Field("", max_length=HARD_MAX_PROMPT)
     refs: list[RefImage] = Field(default_factory=list, max_length=HARD_MAX_REFS)
-    layout_boxes: list[LayoutBox | BoxValue] | None = Field(None, max_length=64)
+    layout_boxes: list[BoxItem] | None = Field(
+        None, max_length=64, description="boxes [x1, x2, y1, y2] (fractions) or {bbox, text}; layout mode only"
+    )
     width: int | None = Field(None, ge=64, le=HARD_MAX_EDGE)
     height: int | None = Field(None, ge=64, le=HARD_MAX_EDGE)
     exact_size: bool | None = None
@@ -107,12 +118,9 @@ class GenerateRequest(_Strict):
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(None, min_length=1, max_length=HARD_MAX_N)
     n: int | None = Field(None, ge=1, le=HARD_MAX_N, description="best-of-N; equals len(seeds) when both are given")
     return_: ReturnWhat = Field("winner", alias="return")
-    prune: PruneStage | list[PruneStage] | None = Field(None, description="early pruning on previews (issue 4)")
-
-    def prune_stages(self) -> list[PruneStage]:
-        if self.prune is None:
-            return []
-        return [self.prune] if isinstance(self.prune, PruneStage) else list(self.prune)
+    prune: Annotated[list[PruneStage], BeforeValidator(_stage_list)] | None = Field(
+        None, max_length=8, description="early pruning on previews: a stage {at, keep} or a list of stages"
+    )
 
     def seed_list(self, limits: Limits, defaults: Defaults) -> list[int]:
         if self.seeds is not None:
@@ -175,9 +183,7 @@ class GenerateRequest(_Strict):
     def _engine_boxes(self) -> list | None:
         if self.layout_boxes is None:
             return None
-        return [
-            {"bbox": list(b.bbox), "text": b.text} if isinstance(b, LayoutBox) else list(b) for b in self.layout_boxes
-        ]
+        return [{"bbox": list(b.bbox), "text": b.text} if b.text else list(b.bbox) for b in self.layout_boxes]
 
     def log_summary(self) -> dict[str, Any]:
         """What is safe and useful to log (no image data)."""

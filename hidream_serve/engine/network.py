@@ -123,12 +123,14 @@ class TextMLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
         self.gate_up: torch.Tensor | None = None
+        self.use_fused = False
 
     def fuse(self) -> None:
-        self.gate_up = _fuse_linears([self.gate_proj, self.up_proj])
+        if self.gate_up is None:
+            self.gate_up = _fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
+        if self.use_fused:
             gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -151,9 +153,12 @@ class TextAttention(nn.Module):
         self.k_norm = Qwen3VLTextRMSNorm(hd, eps=cfg.rms_norm_eps)
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
+        self.use_fused = False
 
     def fuse(self) -> None:
-        """One matmul for q, k and v (inference only; the separate weights stay for loading)."""
+        """One matmul for q, k and v (inference only; the separate linears become views of it)."""
+        if self.qkv_weight is not None:
+            return
         self.qkv_weight = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         if self.q_proj.bias is not None:
             self.qkv_bias = _fuse_linears([self.q_proj, self.k_proj, self.v_proj], attr="bias")
@@ -161,7 +166,7 @@ class TextAttention(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
         hd = self.head_dim
-        if self.qkv_weight is not None:
+        if self.use_fused:
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
                 [self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1
             )
@@ -267,6 +272,8 @@ class HiDreamO1(nn.Module):
         """Vision tower: merged image embeddings (N_tok, D) and the DeepStack features."""
         visual = self.model.visual
         out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+        if isinstance(out, tuple):  # older transformers 5.x return (merged, deepstack)
+            return out[0], out[1]
         return out.pooler_output, out.deepstack_features
 
     @torch.no_grad()
@@ -291,11 +298,13 @@ class HiDreamO1(nn.Module):
                 x[0, image_mask] = x[0, image_mask] + deepstack[i].to(x.dtype)
         return PrefixCache(kvs, int(input_ids.shape[0]))
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, enabled: bool = True) -> None:
         """Fused q/k/v and gate/up matmuls for inference (same math, fewer and larger kernels)."""
         for layer in self.model.language_model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            for mod in (layer.self_attn, layer.mlp):
+                if enabled:
+                    mod.fuse()
+                mod.use_fused = enabled
 
     def gen_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (N, G, hd) for the generated tokens; constant over a run, so computed once."""

@@ -8,6 +8,7 @@ seeded the same way (the official pipeline seeds the global RNG with seed + 1 ri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from .conditioning import Conditioning, ConditioningBuilder, check_reference_ima
 from .errors import InvalidInput
 from .images import patches_to_uint8
 from .network import PATCH_SIZE, PrefixCache
+from .noise import PrefetchedNoise
 from .params import GenerationParams, SamplerSettings, check_mode_inputs, resolve_sampler
 from .schedulers import make_scheduler
 
@@ -108,6 +110,32 @@ def initial_noise(seed: int, height: int, width: int, scale: float) -> torch.Ten
     return noise.reshape(1, (height // p) * (width // p), 3 * p * p)
 
 
+ATTENTION_ORDERS = {
+    "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "flash": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+}
+
+
+@contextlib.contextmanager
+def attention_backends(device: torch.device, prefer: str = "cudnn"):
+    """On CUDA prefer cuDNN attention (Hopper kernels), then flash; elsewhere PyTorch's default choice.
+
+    Must also be active while torch.compile traces, since the traced graph fixes the kernel.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [getattr(SDPBackend, name) for name in ATTENTION_ORDERS[prefer]]
+    try:
+        ctx = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older torch: no priority order
+        ctx = sdpa_kernel(order)
+    with ctx:
+        yield
+
+
 def _generated_layer(layer, x, cos, sin, groups):
     return layer.forward_generated(x, cos, sin, groups)
 
@@ -116,13 +144,18 @@ class HiDreamPipeline:
     """Engine entry point. `max_batch` candidates denoise together (CFG doubles the rows); `fuse` merges
     q/k/v and gate/up matmuls; `compile` runs the decoder layer through torch.compile (GPU)."""
 
-    def __init__(self, checkpoint: LoadedCheckpoint, max_batch: int = 4, fuse: bool = True, compile: bool = False):
+    def __init__(
+        self, checkpoint: LoadedCheckpoint, max_batch: int = 4, fuse: bool = True, compile: bool = False,
+        attention: str = "cudnn",
+    ):  # fmt: skip
+        if attention not in ATTENTION_ORDERS:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_ORDERS)}, got {attention!r}")
+        self.attention = attention
         self.model = checkpoint.model
         self.checkpoint_path = checkpoint.path
         self.conditioning = ConditioningBuilder(checkpoint.tokenizer, self.model.config, checkpoint.vision_cfg)
         self.max_batch = max_batch
-        if fuse:
-            self.model.fuse_projections()
+        self.model.fuse_projections(fuse)
         self.layer_fn = torch.compile(_generated_layer, dynamic=False) if compile else None
 
     @classmethod
@@ -181,6 +214,8 @@ class HiDreamPipeline:
         dev, dtype = self.device, self.dtype
         z = torch.cat([initial_noise(sd, cond.height, cond.width, s.noise_scale_start) for sd in seeds]).to(dev, dtype)
         step_gens = [torch.Generator("cpu").manual_seed(sd + 1) for sd in seeds]
+        if s.scheduler == "flash":
+            step_gens = [PrefetchedNoise(g, tuple(z.shape[1:]), s.noise_clip_std, pin=z.is_cuda) for g in step_gens]
         sched = make_scheduler(s.scheduler, s.shift)
         sched.set_timesteps(s.steps, list(s.timesteps) if s.timesteps else None)
         timesteps = sched.timesteps
@@ -241,5 +276,6 @@ class HiDreamPipeline:
         sin = torch.cat([s.expand(B, -1, -1) for _, s in ropes])
         groups = [(slice(k * B, (k + 1) * B), prep.prefixes[k]) for k in range(n_caps)]
         t = t_in.to(self.device).expand(n_caps * B)
-        x0 = self.model.denoise(t, patches, (cos, sin), groups, prep.cond.target_len, self.layer_fn)
+        with attention_backends(self.device, self.attention):
+            x0 = self.model.denoise(t, patches, (cos, sin), groups, prep.cond.target_len, self.layer_fn)
         return [x0[k * B : (k + 1) * B] for k in range(n_caps)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,25 +192,44 @@ TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
                    image_size=32, patch_size=8, projection_dim=16)  # fmt: skip
 
 
-def _tiny_bpe(vocab_size: int = 600) -> tuple[dict[str, int], list[str]]:
-    """A small byte-level BPE in CLIP's format: 256 byte symbols, the same with `</w>`, learned merges."""
-    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import BPE
+def _tiny_bpe(n_merges: int = 300) -> tuple[dict[str, int], list[str]]:
+    """A small byte-level BPE in CLIP's format: 256 byte symbols, the same with `</w>`, learned merges.
 
-    tok = Tokenizer(BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                           normalizers.Lowercase()])  # fmt: skip
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                             behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])  # fmt: skip
+    Merges are learned on a fixed corpus with a deterministic tie-break, so the same files come out
+    every time (the `tokenizers` trainer breaks ties in hash order).
+    """
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
+
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, initial_alphabet=alphabet,
-                                  end_of_word_suffix="</w>", show_progress=False, special_tokens=[])  # fmt: skip
-    tok.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
-    state = json.loads(tok.to_str())["model"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    words: Counter = Counter()
+    for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", TINY_CORPUS.lower()):
+        chars = [piece for piece, _ in byte_level.pre_tokenize_str(word)][0]
+        words[tuple(chars[:-1]) + (chars[-1] + "</w>",)] += 1
+    merges: list[str] = []
+    for _ in range(n_merges):
+        pairs: Counter = Counter()
+        for w, f in words.items():
+            for a, b in zip(w, w[1:]):
+                pairs[(a, b)] += f
+        if not pairs:
+            break
+        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        merges.append(f"{a} {b}")
+        merged: Counter = Counter()
+        for w, f in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] += f
+        words = merged
     # CLIP's layout: bytes, bytes + </w>, merged symbols in merge order, then the two special tokens.
     vocab: dict[str, int] = {}
     for sym in alphabet + [a + "</w>" for a in alphabet]:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..noise import draw_noise
 from .base import Scheduler
 from .flow_match import euler_default_schedule
 
@@ -31,11 +32,15 @@ class FlashFlowMatchScheduler(Scheduler):
         sigma = self.sigmas[index]
         sigma_next = self.sigmas[index + 1]
         denoised = sample - model_output * sigma
-        noise = torch.cat([_candidate_noise(g, sample.shape[1:], noise_clip_std).to(sample.device) for g in gens])
+        noise = torch.cat(
+            [_candidate_noise(g, sample.shape[1:], noise_clip_std).to(sample.device, non_blocking=True) for g in gens]
+        )
         return sigma_next * noise * noise_scale + (1.0 - sigma_next) * denoised
 
 
-def _per_candidate(generators: Sequence[torch.Generator] | torch.Generator | None, batch: int) -> list[torch.Generator]:
+def _per_candidate(generators, batch: int) -> list:
+    """One noise source per candidate: a torch.Generator, or an object with `take(shape, clip_std)`
+    (hidream_serve.engine.noise.PrefetchedNoise)."""
     if isinstance(generators, torch.Generator):
         generators = [generators]
     if generators is None or len(generators) != batch:
@@ -44,13 +49,8 @@ def _per_candidate(generators: Sequence[torch.Generator] | torch.Generator | Non
     return list(generators)
 
 
-def _candidate_noise(gen: torch.Generator, shape: torch.Size, clip_std: float) -> torch.Tensor:
-    """Noise of shape (1, L, D) drawn on the generator's device, optionally clipped to +-clip_std*std.
-
-    Drawn and clipped exactly as for a lone candidate, so the std is per candidate.
-    """
-    noise = torch.randn((1, *shape), generator=gen, device=gen.device, dtype=torch.float32)
-    if clip_std > 0:
-        limit = clip_std * noise.std().item()
-        noise = noise.clamp(min=-limit, max=limit)
-    return noise
+def _candidate_noise(source, shape: torch.Size, clip_std: float) -> torch.Tensor:
+    """Noise of shape (1, L, D) for one candidate, clipped per candidate (its own std), as for a lone run."""
+    if isinstance(source, torch.Generator):
+        return draw_noise(source, tuple(shape), clip_std)
+    return source.take(tuple(shape), clip_std)

@@ -1,0 +1,363 @@
+"""GPU benchmark of the engine with the full-size HiDream-O1-Image architecture and random bf16 weights.
+
+The cost is the real cost: Qwen3-VL-8B text decoder (36 layers, hidden 4096, 32 heads / 8 KV heads,
+head_dim 128, intermediate 12288, rope theta 5e6, interleaved mrope 24/20/20), the 27-layer vision
+tower with DeepStack at 8/16/24, and the pixel heads. Writes bench/results/<gpu>.json and .md with
+the command that produced them, and prints the table.
+
+    python bench/bench_gpu.py [--assets DIR] [--out bench/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hidream_serve.engine.checkpoint import LoadedCheckpoint, build_model, load_config_dict, load_tokenizer  # noqa: E402
+from hidream_serve.engine.params import GenerationParams  # noqa: E402
+from hidream_serve.engine.pipeline import HiDreamPipeline  # noqa: E402
+from hidream_serve.engine.vlm_inputs import VisionPreprocessConfig  # noqa: E402
+from hidream_serve.tiny import config_dict, write_processor_files, write_tokenizer_files  # noqa: E402
+
+FULL_TEXT = dict(
+    hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, rope_theta=5000000,
+    rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+)  # fmt: skip
+FULL_VISION = dict(
+    depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
+    deepstack_visual_indexes=[8, 16, 24],
+)  # fmt: skip
+SIZE = 2048
+PROMPT = (
+    "medium shot, eye-level, front view. A woman is seated in an ornate bedroom, illuminated by candlelight, "
+    "with a calm and composed expression; cream satin robe with floral embroidery, pearl drop earrings, a carved "
+    "wooden headboard, three lit white candles on a nightstand, warm shadows across the room."
+)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def random_full_model(device: torch.device, dtype=torch.bfloat16):
+    cfg = load_config_dict(config_dict(FULL_TEXT, FULL_VISION))
+    model = build_model(cfg, device, dtype)
+    gen = torch.Generator(device).manual_seed(0)
+    hidden = cfg.text_config.hidden_size
+    state = {}
+    for key, ref in model.state_dict().items():
+        shape = tuple(ref.shape)
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        if key.endswith("bias"):
+            t.mul_(0.02)
+        elif len(shape) == 1:
+            t.mul_(0.05).add_(1.0)
+        elif "embed_tokens" in key or "pos_embed" in key:
+            t.mul_(0.5)
+        elif "final_layer2" in key:
+            t.mul_(0.6 / math.sqrt(hidden))
+        else:
+            t.mul_(1.0 / math.sqrt(math.prod(shape[1:])))
+        state[key] = t.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False), cfg
+
+
+def make_pipeline(model, tok_dir: Path, **options) -> HiDreamPipeline:
+    ck = LoadedCheckpoint(model, load_tokenizer(tok_dir), VisionPreprocessConfig.from_dir(tok_dir), tok_dir)
+    return HiDreamPipeline(ck, **options)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def matmul_ceiling_tflops(device) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def step_flops(cfg, prefix_lens: list[int], gen_len: int, target_len: int, rows_per_caption: int) -> float:
+    """Matmul + attention FLOPs of one denoising step (all rows), counted from the shapes."""
+    t = cfg.text_config
+    d, hd, h, kv, f = t.hidden_size, t.head_dim, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size
+    per_token_linear = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f)
+    total = 0.0
+    for p in prefix_lens:
+        layer = gen_len * per_token_linear + 4 * gen_len * (p + gen_len) * hd * h
+        heads = 2 * (gen_len - 1) * (3072 * d // 4 + d // 4 * d) + 2 * target_len * d * 3072
+        total += rows_per_caption * (t.num_hidden_layers * layer + heads)
+    return total
+
+
+class StepTimer:
+    """Per-step hook: synchronises and records a timestamp after every step; optional pruning schedule."""
+
+    def __init__(self, prune: list[tuple[float, float]] | None = None):
+        self.stamps: list[float] = []
+        self.prune = prune or []
+
+    def __call__(self, state):
+        torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        for at, keep in self.prune:
+            if state.step == max(0, round(at * state.num_steps) - 1):
+                n = max(1, math.ceil(len(state.seeds) * keep))
+                return list(range(n))  # the benchmark keeps the first n; the service ranks previews
+        return None
+
+    def s_per_step(self) -> float:
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        return statistics.median(gaps[1:] if len(gaps) > 2 else gaps)
+
+
+def run_case(pipe, params, seeds, prune=None):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    timer = StepTimer(prune)
+    t0 = time.perf_counter()
+    result = pipe(params, seeds, on_step=timer)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return result, timer, wall, torch.cuda.max_memory_allocated() / 2**30
+
+
+def load_refs(assets: Path | None, names: list[str]):
+    from PIL import Image
+
+    if assets is not None and all((assets / n).is_file() for n in names):
+        return [Image.open(assets / n).convert("RGB") for n in names]
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (768, 640, 3), dtype=np.uint8)) for _ in names]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--assets", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "assets")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--quick", action="store_true", help="fewer steps for the per-step cases")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--levers", action="store_true", help="also time each lever on t2i_full")
+    args = ap.parse_args()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+    dev = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(dev)
+    tok_dir = Path("/tmp/hidream-bench-tokenizer")
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    write_tokenizer_files(tok_dir)
+    write_processor_files(tok_dir)
+    (tok_dir / "config.json").write_text(json.dumps(config_dict(FULL_TEXT, FULL_VISION)))
+
+    t0 = time.perf_counter()
+    model, cfg = random_full_model(dev)
+    build_s = time.perf_counter() - t0
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+    ceiling = matmul_ceiling_tflops(dev)
+    print(f"{gpu}: model built in {build_s:.1f}s, weights {weights_gib:.2f} GiB, bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
+
+    plain = make_pipeline(model, tok_dir, max_batch=8, fuse=False)
+    parity = check_fast_matches_plain(plain, dev, tok_dir)
+    fast = make_pipeline(model, tok_dir, max_batch=8, fuse=True, compile=not args.no_compile)
+
+    per_step_steps = 4 if args.quick else 8
+    skeleton = ["0.face.jpg", "0.bg.jpg", "0.openpose.jpg", "0.part_1.jpg", "0.part_2.jpg", "0.part_3.jpg"]
+    base = dict(prompt=PROMPT, width=SIZE, height=SIZE)
+    cases_spec = {
+        "t2i_full": (dict(mode="t2i", recipe="full"), [42], None),
+        "dev_t2i": (dict(mode="t2i", recipe="dev"), [42], None),
+        "skeleton6": (dict(mode="skeleton", refs=load_refs(args.assets / "IP_skeleton", skeleton),
+                           steps=per_step_steps), [42], None),
+        "ip10": (dict(mode="ip", refs=load_refs(args.assets / "IP", [f"{i}.jpg" for i in range(1, 11)]),
+                      steps=per_step_steps), [42], None),
+        "edit": (dict(mode="edit", refs=load_refs(args.assets / "edit", ["test.jpg"]), steps=per_step_steps), [42], None),
+        "bestof4_t2i": (dict(mode="t2i", recipe="full"), [42, 43, 44, 45], None),
+        "bestof4_t2i_pruned": (dict(mode="t2i", recipe="full"), [42, 43, 44, 45], [(0.25, 0.5), (0.5, 0.5)]),
+    }  # fmt: skip
+
+    # warm-up (and compilation) on the shapes the cases use
+    t_warm = time.perf_counter()
+    for kw in (dict(mode="t2i", recipe="full"), dict(mode="t2i", recipe="dev")):
+        fast(GenerationParams(**base, **{**kw, "steps": 2}), [1])
+    for n in (2, 3, 4):  # every batch the best-of-4 cases pass through (pruning shrinks it)
+        fast(GenerationParams(**base, mode="t2i", recipe="full", steps=2), list(range(1, n + 1)))
+    warm_s = time.perf_counter() - t_warm
+    print(f"warm-up (incl. compile) {warm_s:.1f}s")
+
+    cases = {}
+    for name, (kw, seeds, prune) in cases_spec.items():
+        params = GenerationParams(**base, **kw)
+        result, timer, wall, peak = run_case(fast, params, seeds, prune)
+        s = result.settings
+        rows = len(s["prefix_tokens"])
+        flops = step_flops(cfg, s["prefix_tokens"], 1 + s["target_tokens"] + s["ref_tokens"], s["target_tokens"], len(seeds))
+        sps = timer.s_per_step()
+        if prune:  # mixed batch sizes: average over the run, FLOPs counted per candidate-step actually computed
+            computed = sum(c.steps_computed for c in result.candidates)
+            span = timer.stamps[-1] - timer.stamps[0]
+            sps = span / (len(timer.stamps) - 1)
+            flops = flops / len(seeds) * computed * (len(timer.stamps) - 1) / len(timer.stamps)
+            flops_rate = flops / span
+        else:
+            flops_rate = flops / sps
+        case = {
+            "s_per_step": round(sps, 4), "peak_gib": round(peak, 2), "mfu": round(flops_rate / (ceiling * 1e12), 3),
+            "steps": s["steps"], "seeds": len(seeds), "forwards_per_step": rows * len(seeds),
+            "wall_s": round(wall, 2), "tokens": 1 + s["target_tokens"] + s["ref_tokens"], "prefix_tokens": s["prefix_tokens"],
+        }  # fmt: skip
+        if prune:
+            case["prune"] = [{"at": a, "keep": k} for a, k in prune]
+            case["steps_computed"] = sum(c.steps_computed for c in result.candidates)
+            case["steps_full"] = len(seeds) * s["steps"]
+        cases[name] = case
+        print(f"{name:20s} {sps:.4f} s/step  wall {wall:.2f}s  peak {peak:.2f} GiB  mfu {case['mfu']:.2f}")
+    single = cases["t2i_full"]["wall_s"]
+    for name in ("bestof4_t2i", "bestof4_t2i_pruned"):
+        cases[name]["single_s"] = single
+        cases[name]["x_single"] = round(cases[name]["wall_s"] / single, 2)
+
+    levers = time_levers(model, tok_dir, base, cfg, ceiling) if args.levers else {}
+
+    report = {
+        "gpu": gpu, "command": command, "torch": torch.__version__, "python": platform.python_version(),
+        "flash_attn": _has_flash_attn(), "compile": not args.no_compile, "ceiling_tflops": round(ceiling, 1),
+        "weights_gib": round(weights_gib, 2), "model_build_s": round(build_s, 1), "warmup_s": round(warm_s, 1),
+        "fast_vs_plain": parity, "cases": cases, "levers": levers,
+    }  # fmt: skip
+    write_report(report, args.out)
+    return 0
+
+
+def set_param_dtype(model, dtype) -> None:
+    for prm in model.parameters():
+        prm.data = prm.data.to(dtype)
+
+
+def check_fast_matches_plain(plain: HiDreamPipeline, dev, tok_dir: Path) -> dict:
+    """The fused + compiled bf16 path against the plain bf16 path, both judged against a float32 reference.
+
+    "Within bf16 tolerance" means the fast path is no further from float32 than the plain bf16 path is.
+    """
+    params = GenerationParams(mode="skeleton", prompt=PROMPT, refs=load_refs(None, ["a", "b"]), width=1024,
+                              height=1024, exact_size=True, steps=1)  # fmt: skip
+    g = torch.Generator(dev).manual_seed(1)
+    t = torch.tensor([0.37])
+
+    def predict(pipe):
+        prep = pipe.prepare(params)
+        z = torch.randn(2, prep.cond.target_len, 3072, device=dev, generator=g.manual_seed(1)).to(torch.bfloat16)
+        ref = prep.cond.ref_patches.to(dev, pipe.dtype)
+        ropes = [pipe.model.gen_rope(c.gen_positions[:, None]) for c in prep.cond.captions]
+        return torch.cat(pipe._predict(prep, z.to(pipe.dtype), ref, t, ropes)).float()
+
+    # float32 reference: upcast the (still unfused) model in place, then back; bf16 -> fp32 -> bf16 is exact
+    # (parameters only: the rope buffers stay float32)
+    set_param_dtype(plain.model, torch.float32)
+    ref32 = predict(make_pipeline(plain.model, tok_dir, fuse=False))
+    set_param_dtype(plain.model, torch.bfloat16)
+    torch.cuda.empty_cache()
+    a = predict(plain)
+    plain.model.fuse_projections(True)
+    plain.layer_fn = torch.compile(lambda layer, x, cos, sin, groups: layer.forward_generated(x, cos, sin, groups),
+                                   dynamic=False)  # fmt: skip
+    b = predict(plain)
+    plain.layer_fn = None
+    plain.model.fuse_projections(False)
+    rel = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
+    out = {"plain_bf16_vs_fp32": rel(a, ref32), "fast_bf16_vs_fp32": rel(b, ref32), "fast_vs_plain": rel(b, a)}
+    out = {k: float(f"{v:.3e}") for k, v in out.items()}
+    out["ok"] = bool(math.isfinite(out["fast_bf16_vs_fp32"])
+                     and out["fast_bf16_vs_fp32"] <= 1.25 * out["plain_bf16_vs_fp32"] + 1e-3)  # fmt: skip
+    print(f"fast vs plain: {out}")
+    return out
+
+
+def time_levers(model, tok_dir, base, cfg, ceiling) -> dict:
+    """t2i_full per-step time with each lever toggled (8 steps each)."""
+    out = {}
+    params = GenerationParams(**base, mode="t2i", recipe="full", steps=8)
+    variants = {
+        "plain (unfused, eager, SDPA flash)": dict(fuse=False, compile=False, attention="flash"),
+        "fused qkv/gate-up": dict(fuse=True, compile=False, attention="flash"),
+        "fused + cuDNN attention": dict(fuse=True, compile=False, attention="cudnn"),
+        "fused + torch.compile (SDPA flash)": dict(fuse=True, compile=True, attention="flash"),
+        "fused + torch.compile + cuDNN attention (default)": dict(fuse=True, compile=True, attention="cudnn"),
+    }
+    for name, v in variants.items():
+        try:
+            torch._dynamo.reset()  # compiled graphs fix the attention kernel: trace each variant afresh
+            pipe = make_pipeline(model, tok_dir, max_batch=8, **v)
+            pipe(GenerationParams(**base, mode="t2i", recipe="full", steps=2), [1])
+            _, timer, _, peak = run_case(pipe, params, [42])
+            out[name] = {"s_per_step": round(timer.s_per_step(), 4), "peak_gib": round(peak, 2)}
+        except Exception as e:  # noqa: BLE001 - a lever that fails is recorded, not fatal
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(f"lever {name:40s} {out[name]}")
+    return out
+
+
+def _has_flash_attn() -> bool:
+    from hidream_serve.engine import network
+
+    return network._flash_attn_func is not None
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = report["gpu"].lower().replace("nvidia ", "").replace(" ", "-")
+    (out_dir / f"{slug}.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        f"# {report['gpu']}: 2048x2048, full-size architecture, random bf16 weights",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"torch {report['torch']}, flash-attn {'yes' if report['flash_attn'] else 'no (PyTorch SDPA)'}, "
+        f"torch.compile {'on' if report['compile'] else 'off'}, bf16 matmul ceiling {report['ceiling_tflops']} TFLOP/s, "
+        f"weights {report['weights_gib']} GiB. Fast path vs float32: {report['fast_vs_plain']['fast_bf16_vs_fp32']} "
+        f"(plain bf16 vs float32: {report['fast_vs_plain']['plain_bf16_vs_fp32']}; within bf16 tolerance: {report['fast_vs_plain']['ok']})",
+        "",
+        "| case | s/step | MFU | peak GiB | steps | seeds | wall s | vs single |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in report["cases"].items():
+        lines.append(
+            f"| {name} | {c['s_per_step']} | {c['mfu']} | {c['peak_gib']} | {c['steps']} | {c['seeds']} | {c['wall_s']} "
+            f"| {c.get('x_single', '')} |"
+        )
+    if report["levers"]:
+        lines += ["", "Levers on t2i_full (8 steps each):", "", "| variant | s/step | peak GiB |", "|---|---|---|"]
+        for name, v in report["levers"].items():
+            lines.append(f"| {name} | {v.get('s_per_step', v.get('error'))} | {v.get('peak_gib', '')} |")
+    text = "\n".join(lines) + "\n"
+    (out_dir / f"{slug}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Best-of-N orchestration with fake generator/scorer coroutines (no Ray): grouping, winner, failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hidream_serve.api.errors import BadRequest, DeadlineExceeded, Unavailable
+from hidream_serve.engine.params import GenerationParams
+from services.config import RouterConfig
+from services.fanout import Scored, best_of_n, pick_winner, split_seeds
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from importing ray.serve
+
+PARAMS = GenerationParams(mode="t2i", prompt="a fox", width=128, height=128, exact_size=True, steps=2)
+
+
+def fake_generate(calls: list, fail_groups=(), error=None, delay=0.0):
+    async def generate(params, seeds):
+        calls.append(list(seeds))
+        await asyncio.sleep(delay)
+        if error is not None and (not fail_groups or seeds[0] in fail_groups):
+            raise error
+        return {"replica": f"Generator#{len(calls) % 2}", "settings": {"steps": 2, "width": 128},
+                "warnings": ["w"], "busy_s": 0.0,
+                "candidates": [{"seed": s, "png": f"png{s}".encode(), "steps_computed": 2} for s in seeds]}  # fmt: skip
+
+    return generate
+
+
+def scores_by_seed(table: dict[int, float]):
+    async def score(prompt, pngs):
+        vals = [table[int(p.decode()[3:])] for p in pngs]
+        return {"composite": vals, "scores": [{"clip": v} for v in vals], "replica": "Scorer#0"}
+
+    return score
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_split_seeds_even_groups():
+    assert split_seeds([1, 2, 3, 4], 2) == [[1, 2], [3, 4]]
+    assert split_seeds([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
+    assert split_seeds([1, 2, 3, 4, 5], 4) == [[1, 2, 3], [4, 5]]
+    assert split_seeds([7], 3) == [[7]]
+
+
+def test_groups_run_concurrently_and_winner_is_best_score():
+    calls = []
+    cfg = RouterConfig(seeds_per_call=2)
+    out = run(best_of_n(PARAMS, [10, 11, 12, 13], fake_generate(calls, delay=0.2),
+                        scores_by_seed({10: 1.0, 11: 5.0, 12: 3.0, 13: 4.0}), cfg))  # fmt: skip
+    assert sorted(calls) == [[10, 11], [12, 13]]
+    assert [c.seed for c in out.candidates] == [10, 11, 12, 13]
+    assert out.winner.seed == 11 and out.winner.score == 5.0 and out.scored
+    assert out.timings["generate"] < 0.35  # the two groups overlapped
+    assert out.warnings == ["w"] and out.candidates[0].scores == {"clip": 1.0}
+
+
+def test_ties_go_to_the_lowest_seed():
+    out = run(best_of_n(PARAMS, [5, 3, 9], fake_generate([]), scores_by_seed({5: 2.0, 3: 2.0, 9: 1.0}),
+                        RouterConfig(seeds_per_call=1)))  # fmt: skip
+    assert out.winner.seed == 3
+    assert pick_winner([Scored(8, b"x", "r", score=1.0), Scored(2, b"x", "r", score=1.0)]).seed == 2
+
+
+def test_scorer_failure_returns_candidates_unscored_with_a_warning():
+    async def broken(prompt, pngs):
+        raise RuntimeError("CLIP exploded")
+
+    out = run(best_of_n(PARAMS, [4, 2, 3], fake_generate([]), broken, RouterConfig()))
+    assert [c.seed for c in out.candidates] == [4, 2, 3] and all(c.png for c in out.candidates)
+    assert all(c.score is None for c in out.candidates) and not out.scored
+    assert out.winner.seed == 2
+    assert any("scoring failed" in w for w in out.warnings)
+
+
+def test_scorer_timeout_returns_candidates_unscored():
+    async def slow(prompt, pngs):
+        await asyncio.sleep(5)
+
+    out = run(best_of_n(PARAMS, [1, 2], fake_generate([]), slow, RouterConfig(score_timeout_s=0.1)))
+    assert len(out.candidates) == 2 and not out.scored and any("timed out" in w for w in out.warnings)
+
+
+def test_no_scorer_configured():
+    out = run(best_of_n(PARAMS, [1, 2], fake_generate([]), None, RouterConfig()))
+    assert not out.scored and out.winner.seed == 1 and any("no scorer" in w for w in out.warnings)
+
+
+def test_non_finite_scores_count_as_unscored():
+    out = run(best_of_n(PARAMS, [1, 2], fake_generate([]), scores_by_seed({1: float("nan"), 2: -3.0}),
+                        RouterConfig()))  # fmt: skip
+    assert out.winner.seed == 2 and out.candidates[0].score is None and out.scored
+
+
+def test_bad_input_from_a_replica_fails_the_request():
+    with pytest.raises(BadRequest) as e:
+        run(best_of_n(PARAMS, [1, 2, 3, 4], fake_generate([], error=BadRequest("too long", field="prompt")), None,
+                      RouterConfig(seeds_per_call=2)))  # fmt: skip
+    assert e.value.field == "prompt"
+
+
+def test_one_failed_group_drops_its_seeds_with_a_warning():
+    gen = fake_generate([], fail_groups=(3,), error=Unavailable("replica died"))
+    out = run(best_of_n(PARAMS, [1, 2, 3, 4], gen, scores_by_seed({1: 0.0, 2: 1.0}), RouterConfig(seeds_per_call=2)))
+    assert [c.seed for c in out.candidates] == [1, 2] and out.winner.seed == 2
+    assert any("[3, 4]" in w for w in out.warnings)
+
+
+def test_all_groups_failing_raises_the_service_error():
+    with pytest.raises(Unavailable):
+        run(best_of_n(PARAMS, [1, 2], fake_generate([], error=Unavailable("busy")), None, RouterConfig()))
+
+
+def test_generation_deadline():
+    async def hang(params, seeds):
+        await asyncio.sleep(10)
+
+    with pytest.raises(DeadlineExceeded):  # -> 504
+        run(best_of_n(PARAMS, [1], hang, None, RouterConfig(generate_timeout_s=0.1)))

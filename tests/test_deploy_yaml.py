@@ -1,0 +1,147 @@
+"""Every key in the deploy YAML files must be one Ray Serve (or our AppArgs / user_config models) declares.
+
+Ray Serve 2.60 validates the config with pydantic models that ignore unknown keys, so a renamed or
+misspelt key (`max_concurrent_queries`, `target_num_ongoing_requests_per_replica`, ...) would be
+dropped silently. This walks each file against the schema models, recursively, and fails on any key
+that is not a declared field.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+pytest.importorskip("ray.serve")
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from services.app import AppArgs  # noqa: E402
+from services.config import GeneratorConfig, RouterConfig, ScorerConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = [ROOT / "deploy" / "serve_config.yaml", ROOT / "deploy" / "local.yaml"]
+USER_CONFIGS = {"Router": RouterConfig, "Generator": GeneratorConfig, "Scorer": ScorerConfig}
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """BaseModel classes anywhere inside a type annotation (Optional, Union, List, Dict values...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out = []
+    for arg in typing.get_args(annotation):
+        out += _models_in(arg)
+    return out
+
+
+def unknown_keys(model: type[BaseModel], data, path: str = "") -> list[str]:
+    """Paths of keys in `data` that `model` (recursively) does not declare."""
+    if not isinstance(data, dict):
+        return []
+    fields = model.model_fields
+    by_key = {name: f for name, f in fields.items()}
+    by_key.update({f.alias: f for f in fields.values() if f.alias})
+    bad = []
+    for key, value in data.items():
+        here = f"{path}.{key}" if path else str(key)
+        if key not in by_key:
+            bad.append(f"{here} (not a field of {model.__name__})")
+            continue
+        subs = _models_in(by_key[key].annotation)
+        if not subs:
+            continue
+        sub = subs[0]
+        if isinstance(value, dict):
+            bad += unknown_keys(sub, value, here)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                bad += unknown_keys(sub, item, f"{here}[{i}]")
+    return bad
+
+
+def check_file(data: dict) -> list[str]:
+    bad = unknown_keys(ServeDeploySchema, data)
+    for i, app in enumerate(data.get("applications", [])):
+        assert app["import_path"] == "services.app:build_app"
+        bad += unknown_keys(AppArgs, app.get("args", {}), f"applications[{i}].args")
+        for j, dep in enumerate(app.get("deployments", [])):
+            if dep.get("name") not in USER_CONFIGS:
+                bad.append(f"applications[{i}].deployments[{j}].name {dep.get('name')!r} is not a deployment of the app")
+                continue
+            if "user_config" in dep:
+                bad += unknown_keys(USER_CONFIGS[dep["name"]], dep["user_config"],
+                                    f"applications[{i}].deployments[{j}].user_config")  # fmt: skip
+    return bad
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_every_key_is_declared_by_the_schema(path):
+    data = yaml.safe_load(path.read_text())
+    assert check_file(data) == []
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_file_validates(path):
+    data = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(data)
+    for app in data["applications"]:
+        args = AppArgs.model_validate(app["args"])
+        assert args.model  # both files name the checkpoint explicitly
+        for dep in app.get("deployments", []):
+            if "user_config" in dep:
+                USER_CONFIGS[dep["name"]].model_validate(dep["user_config"])
+    assert schema.applications
+
+
+def test_local_yaml_is_the_embedded_two_replica_cpu_default():
+    data = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    app = data["applications"][0]
+    assert app["args"]["model"] == "embedded:tiny" and app["args"]["scorer_model"] == "embedded:tiny-clip"
+    assert data["http_options"] == {**data["http_options"], "host": "127.0.0.1", "port": 8000}
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert deps["Generator"]["num_replicas"] == 2
+    assert deps["Generator"]["ray_actor_options"]["num_cpus"] <= 1
+    assert "num_gpus" not in deps["Generator"]["ray_actor_options"]
+
+
+def test_production_yaml_has_gpu_autoscaled_generators():
+    data = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    app = data["applications"][0]
+    gen = {d["name"]: d for d in app["deployments"]}["Generator"]
+    assert gen["ray_actor_options"]["num_gpus"] == 1
+    auto = gen["autoscaling_config"]
+    assert auto["min_replicas"] >= 1 and auto["max_replicas"] >= auto["min_replicas"]
+    assert "target_ongoing_requests" in auto
+    assert gen["max_queued_requests"] > 0 and gen["max_ongoing_requests"] >= 1
+    # replicas must be allowed to finish the longest generation before being killed
+    assert gen["graceful_shutdown_timeout_s"] > app["args"]["router"]["generate_timeout_s"]
+    assert data["http_options"]["request_timeout_s"] > app["args"]["router"]["generate_timeout_s"]
+
+
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ({"max_concurrent_queries": 4}, "deployments[0].max_concurrent_queries"),
+        ({"autoscaling_config": {"min_replicas": 1, "target_num_ongoing_requests_per_replica": 1}},
+         "autoscaling_config.target_num_ongoing_requests_per_replica"),
+        ({"ray_actor_options": {"num_gpu": 1}}, "ray_actor_options.num_gpu"),
+        ({"user_config": {"seeds_per_cal": 2}}, "user_config.seeds_per_cal"),
+    ],
+)  # fmt: skip
+def test_the_walker_catches_renamed_keys(patch, expected):
+    data = {"applications": [{"name": "a", "import_path": "services.app:build_app", "args": {},
+                              "deployments": [{"name": "Router", **patch}]}]}  # fmt: skip
+    bad = check_file(data)
+    assert len(bad) == 1 and expected in bad[0], bad
+    # ...and Ray itself would have accepted the file without a word:
+    if "user_config" not in patch:
+        ServeDeploySchema.model_validate(data)
+
+
+def test_the_walker_catches_unknown_app_args():
+    data = {"applications": [{"name": "a", "import_path": "services.app:build_app",
+                              "args": {"modle": "x", "limits": {"max_N": 3}}}]}  # fmt: skip
+    bad = check_file(data)
+    assert any("args.modle" in b for b in bad) and any("args.limits.max_N" in b for b in bad)

@@ -1,0 +1,287 @@
+"""The whole service in-process on CPU: Ray Serve with the embedded tiny model and tiny CLIP, over HTTP.
+
+One Serve instance for the module (about 30 s to start on 2 cores): router + two generator replicas
+(0.5 CPU each) + scorer, built from `services.app` exactly as the YAML does, with the embedded
+models built into a temporary cache by the replicas themselves. HTTP goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _images import b64, noise_image, solid_image
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+SMALL = {"width": 128, "height": 128, "exact_size": True, "steps": 2}
+LIMITS = {"max_n": 8, "max_steps": 20, "max_pixels": 512 * 512, "max_refs": 4, "max_image_bytes": 200_000,
+          "max_image_pixels": 1_000_000, "max_prompt_chars": 200}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    from services.app import AppArgs, assemble
+
+    cache = str(tmp_path_factory.mktemp("hidream-cache"))
+    port = _free_port()
+    env = {"HIDREAM_SERVE_CACHE": cache, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": env})  # fmt: skip
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = AppArgs(
+            model="embedded:tiny", scorer_model="embedded:tiny-clip", device="cpu", limits=LIMITS,
+            defaults={"width": 128, "height": 128, "exact_size": True, "steps": 2},
+            router={"seeds_per_call": 2, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 3,
+                    "max_body_bytes": 2_000_000},
+            generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
+        )  # fmt: skip
+        app = assemble(args, {
+            "Router": {"ray_actor_options": {"num_cpus": 0}},
+            "Generator": {"num_replicas": 2, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.5}},
+            "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
+        })  # fmt: skip
+        serve.run(app, name="hidream", route_prefix="/", blocking=False)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as client:
+            yield client
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def gen(client, mode, body, status=200):
+    r = client.post(f"/v1/generate/{mode}", json=body)
+    assert r.status_code == status, r.text[:2000]
+    return r.json()
+
+
+def png(b64s: str) -> tuple[np.ndarray, dict, bytes]:
+    raw = base64.b64decode(b64s)
+    img = Image.open(io.BytesIO(raw))
+    img.load()
+    return np.asarray(img.convert("RGB")), dict(img.text), raw
+
+
+def ref(seed=0, w=64, h=48, role=None):
+    d = {"image": b64(noise_image(w, h, seed), data_url=seed % 2 == 1)}
+    if role:
+        d["role"] = role
+    return d
+
+
+# -- probes and metadata --------------------------------------------------------------------------
+
+
+def test_healthz_readyz_and_models(service):
+    assert service.get("/healthz").json() == {"status": "ok"}
+    r = service.get("/readyz")
+    assert r.status_code == 200, r.text
+    ready = r.json()
+    assert ready["status"] == "ready" and ready["deployments"]["Generator"]["running_replicas"] == 2
+    assert ready["deployments"]["Scorer"]["running_replicas"] == 1
+    m = service.get("/v1/models").json()
+    assert m["checkpoint"] == "embedded:tiny" and m["scorer"] == "embedded:tiny-clip"
+    assert m["modes"] == ["t2i", "edit", "ip", "skeleton", "layout"]
+    assert set(m["recipes"]) == {"full", "dev"} and m["recipes"]["full"]["steps"] == 50
+    assert m["limits"]["max_n"] == 8 and m["defaults"]["width"] == 128
+
+
+# -- every mode end to end --------------------------------------------------------------------------------
+
+MODES = {
+    "t2i": {},
+    "edit": {"refs": [ref(1)]},
+    "ip": {"refs": [ref(2, role="face"), ref(3, w=40, h=64, role="garment")]},
+    "skeleton": {"refs": [ref(4, role="face"), ref(5, role="background"), ref(6, role="pose")]},
+    "layout": {"refs": [ref(7), ref(8)], "layout_boxes": [[0.0, 0.5, 0.0, 1.0], {"bbox": [0.5, 1.0, 0.2, 0.8],
+                                                                              "text": "a cat"}]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_end_to_end(service, mode):
+    body = {"prompt": f"a {mode} test", "seed": 21, "n": 2, "return": "all", **SMALL, **MODES[mode]}
+    d = gen(service, mode, body)
+    assert d["mode"] == mode and d["scored"] and len(d["candidates"]) == 2
+    assert [c["seed"] for c in d["candidates"]] == [21, 22]
+    assert d["settings"]["width"] == 128 and d["settings"]["height"] == 128 and d["settings"]["steps"] == 2
+    assert len(d["settings"]["ref_sizes"]) == len(MODES[mode].get("refs", [])) + (1 if mode == "layout" else 0)
+    pixels, text, _ = png(d["winner"]["image"])
+    assert pixels.shape == (128, 128, 3)
+    assert text["prompt"] == f"a {mode} test" and text["mode"] == mode and text["seed"] == str(d["winner"]["seed"])
+    assert json.loads(text["settings"])["steps"] == 2
+    for c in d["candidates"]:
+        assert isinstance(c["score"], float) and c["image"] and c["replica"].startswith("Generator#")
+    assert d["steps_computed"] == d["steps_full"] == 4
+    t = d["timings"]
+    assert set(t) >= {"queued", "generate", "score", "total"} and t["total"] >= t["generate"] >= 0
+
+
+# -- best-of-N ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def best_of_4(service):
+    return gen(service, "t2i", {"prompt": "a red fox in the snow", "seed": 100, "n": 4, "return": "all", **SMALL})
+
+
+def test_best_of_4_returns_four_distinct_seeds_and_the_best_wins(best_of_4):
+    d = best_of_4
+    seeds = [c["seed"] for c in d["candidates"]]
+    assert seeds == [100, 101, 102, 103]
+    scores = {c["seed"]: c["score"] for c in d["candidates"]}
+    best = max(scores.values())
+    assert d["winner"]["score"] == best
+    assert d["winner"]["seed"] == min(s for s, v in scores.items() if v == best)
+    assert all(c["scores"] and "clip" in c["scores"] for c in d["candidates"])
+    images = [png(c["image"])[0] for c in d["candidates"]]
+    assert all(not np.array_equal(images[0], im) for im in images[1:])  # distinct seeds, distinct images
+    winner = next(c for c in d["candidates"] if c["seed"] == d["winner"]["seed"])
+    assert winner["image"] == d["winner"]["image"]
+
+
+def test_work_spreads_over_two_replicas(best_of_4):
+    replicas = best_of_4["debug"]["replicas"]
+    assert len(replicas) == 2, best_of_4["debug"]
+    assert sorted(s for seeds in replicas.values() for s in seeds) == [100, 101, 102, 103]
+    assert all(len(g["seeds"]) == 2 for g in best_of_4["debug"]["groups"])
+
+
+def test_winner_only_response_omits_candidate_images(service):
+    d = gen(service, "t2i", {"prompt": "a fox", "seed": 7, "n": 3, **SMALL})
+    assert [c["seed"] for c in d["candidates"]] == [7, 8, 9]
+    assert all(c["image"] is None for c in d["candidates"]) and d["winner"]["image"]
+
+
+@pytest.fixture(scope="module")
+def batch_and_solo(service, best_of_4):
+    batch = next(c for c in best_of_4["candidates"] if c["seed"] == 103)
+    solo = gen(service, "t2i", {"prompt": "a red fox in the snow", "seed": 103, **SMALL})
+    return batch, solo
+
+
+def test_candidate_equals_solo_request_with_its_seed(batch_and_solo):
+    batch, solo = batch_and_solo
+    assert len(solo["candidates"]) == 1 and solo["winner"]["seed"] == 103
+    a, text_a, _ = png(batch["image"])
+    b, text_b, _ = png(solo["winner"]["image"])
+    assert text_a == text_b  # same prompt, seed, mode and effective settings
+    diff = np.abs(a.astype(int) - b.astype(int))
+    # Same image up to float rounding in the batched forward (see the strict test below).
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.005, (diff.max(), (diff > 0).sum())
+    assert solo["candidates"][0]["score"] == pytest.approx(batch["score"], abs=0.05)
+
+
+@pytest.mark.xfail(strict=False, reason="engine: HiDreamO1.denoise is not batch-invariant on CPU float32 "
+                   "(step-0 x0 differs ~1e-6 between a batch of 2 and a batch of 1, so ~0.03% of the uint8 "
+                   "pixels differ by 1); XPASS once the engine's batched forward is made bit-exact")
+def test_candidate_is_bit_identical_to_solo_request(batch_and_solo):
+    batch, solo = batch_and_solo
+    assert png(batch["image"])[2] == png(solo["winner"]["image"])[2]
+
+
+def test_explicit_seeds(service):
+    d = gen(service, "t2i", {"prompt": "x", "seeds": [5, 900, 17], "return": "all", **SMALL})
+    assert [c["seed"] for c in d["candidates"]] == [5, 900, 17]
+
+
+def test_random_first_seed_when_omitted(service):
+    d = gen(service, "t2i", {"prompt": "x", "n": 2, **SMALL})
+    s = [c["seed"] for c in d["candidates"]]
+    assert s[1] == s[0] + 1
+
+
+def test_snapping_warning_is_reported(service):
+    d = gen(service, "edit", {"prompt": "x", "refs": [ref(1)], "width": 128, "height": 128, "exact_size": True,
+                              "steps": 3, "recipe": "dev"})  # fmt: skip
+    assert d["settings"]["recipe"] == "dev" and any("fixed timesteps" in w for w in d["warnings"])
+
+
+# -- validation over HTTP: 4xx naming the field, never a 500 or a hang ----------------------------------
+
+BAD = [
+    ("t2i", {"prompt": "x", "bogus": 1}, "bogus"),
+    ("t2i", {"prompt": "x", "n": 0}, "n"),
+    ("t2i", {"prompt": "x", "n": 9}, "n"),
+    ("t2i", {"prompt": "x", "steps": 0}, "steps"),
+    ("t2i", {"prompt": "x", "steps": 21}, "steps"),
+    ("t2i", {"prompt": "x", "seed": 1, "seeds": [1, 2]}, "seeds"),
+    ("t2i", {"prompt": "x", "seeds": [1, 2], "n": 3}, "n"),
+    ("t2i", {"prompt": "x", "seeds": [4, 4]}, "seeds"),
+    ("t2i", {"prompt": ""}, "prompt"),
+    ("t2i", {"prompt": "x", "width": 1024, "height": 1024}, "width"),
+    ("t2i", {"prompt": "x", "width": 130}, "width"),
+    ("t2i", {"prompt": "x", "return": "best"}, "return"),
+    ("edit", {"prompt": "x"}, "refs"),
+    ("edit", {"prompt": "x", "refs": [ref(1), ref(2)]}, "refs"),
+    ("edit", {"prompt": "x", "refs": [{"image": "not base64 ###"}]}, "refs[0].image"),
+    ("edit", {"prompt": "x", "refs": [{"image": base64.b64encode(b"GIF89a garbage").decode()}]}, "refs[0].image"),
+    ("edit", {"prompt": "x", "refs": [{"image": b64(noise_image(300, 300))}]}, "refs[0].image"),
+    ("edit", {"prompt": "x", "refs": [{"image": b64(solid_image(1500, 1000))}]}, "refs[0].image"),
+    ("ip", {"prompt": "x", "refs": [ref(1), {"image": "AAAA", "role": "hat"}]}, "refs[1].role"),
+    ("ip", {"prompt": "x", "refs": [ref(1), {"url": "http://example.com/a.png"}]}, "refs[1].image"),
+    ("skeleton", {"prompt": "x", "refs": [ref(1)]}, "refs"),
+    ("layout", {"prompt": "x", "refs": [ref(1)]}, "layout_boxes"),
+    ("layout", {"prompt": "x", "refs": [ref(1)], "layout_boxes": [[0.7, 0.2, 0.0, 1.0]]}, "layout_boxes[0]"),
+    ("layout", {"prompt": "x", "refs": [ref(1)], "layout_boxes": [[0.1, 0.2, 0.1, 0.2], [0, 1.2, 0, 1]]},
+     "layout_boxes[1]"),
+    ("paint", {"prompt": "x"}, "mode"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode, body, field", BAD, ids=[f"{m}-{f}" for m, _, f in BAD])
+def test_bad_input_gets_a_named_4xx(service, mode, body, field):
+    r = service.post(f"/v1/generate/{mode}", json={**SMALL, **body}, timeout=30)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+    err = r.json()["error"]
+    assert err["field"] == field, err
+    assert err["message"] and err["type"] == "invalid_input"
+
+
+def test_malformed_json_and_wrong_content(service):
+    r = service.post("/v1/generate/t2i", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["field"]
+    r = service.post("/v1/generate/t2i", json=[1, 2, 3])
+    assert r.status_code == 422
+
+
+def test_oversized_body_is_413_before_parsing(service):
+    body = json.dumps({"prompt": "x", "refs": [{"image": "A" * 2_100_000}]}).encode()
+    r = service.post("/v1/generate/edit", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+
+
+def test_unknown_route_is_404(service):
+    assert service.get("/v1/nothing").status_code == 404
+
+
+def test_service_still_healthy_after_bad_requests(service):
+    d = gen(service, "t2i", {"prompt": "still alive", "seed": 1, **SMALL})
+    assert d["winner"]["seed"] == 1
