@@ -165,6 +165,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer steps for the per-step cases")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--levers", action="store_true", help="also time each lever on t2i_full")
+    ap.add_argument("--attention", default="flash", choices=["cudnn", "flash"])
     args = ap.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
@@ -185,7 +186,7 @@ def main() -> int:
 
     plain = make_pipeline(model, tok_dir, max_batch=8, fuse=False)
     parity = check_fast_matches_plain(plain, dev, tok_dir)
-    fast = make_pipeline(model, tok_dir, max_batch=8, fuse=True, compile=not args.no_compile)
+    fast = make_pipeline(model, tok_dir, max_batch=8, fuse=True, compile=not args.no_compile, attention=args.attention)
 
     per_step_steps = 4 if args.quick else 8
     skeleton = ["0.face.jpg", "0.bg.jpg", "0.openpose.jpg", "0.part_1.jpg", "0.part_2.jpg", "0.part_3.jpg"]
@@ -247,7 +248,7 @@ def main() -> int:
 
     report = {
         "gpu": gpu, "command": command, "torch": torch.__version__, "python": platform.python_version(),
-        "flash_attn": _has_flash_attn(), "compile": not args.no_compile, "ceiling_tflops": round(ceiling, 1),
+        "flash_attn": _has_flash_attn(), "compile": not args.no_compile, "attention": args.attention, "ceiling_tflops": round(ceiling, 1),
         "weights_gib": round(weights_gib, 2), "model_build_s": round(build_s, 1), "warmup_s": round(warm_s, 1),
         "fast_vs_plain": parity, "cases": cases, "levers": levers,
     }  # fmt: skip
@@ -308,7 +309,7 @@ def time_levers(model, tok_dir, base, cfg, ceiling) -> dict:
         "fused qkv/gate-up": dict(fuse=True, compile=False, attention="flash"),
         "fused + cuDNN attention": dict(fuse=True, compile=False, attention="cudnn"),
         "fused + torch.compile (SDPA flash)": dict(fuse=True, compile=True, attention="flash"),
-        "fused + torch.compile + cuDNN attention (default)": dict(fuse=True, compile=True, attention="cudnn"),
+        "fused + torch.compile + cuDNN attention": dict(fuse=True, compile=True, attention="cudnn"),
     }
     for name, v in variants.items():
         try:
@@ -338,7 +339,7 @@ def write_report(report: dict, out_dir: Path) -> None:
         "",
         f"Command: `{report['command']}`  ",
         f"torch {report['torch']}, flash-attn {'yes' if report['flash_attn'] else 'no (PyTorch SDPA)'}, "
-        f"torch.compile {'on' if report['compile'] else 'off'}, bf16 matmul ceiling {report['ceiling_tflops']} TFLOP/s, "
+        f"torch.compile {'on' if report['compile'] else 'off'}, attention {report['attention']}, bf16 matmul ceiling {report['ceiling_tflops']} TFLOP/s, "
         f"weights {report['weights_gib']} GiB. Fast path vs float32: {report['fast_vs_plain']['fast_bf16_vs_fp32']} "
         f"(plain bf16 vs float32: {report['fast_vs_plain']['plain_bf16_vs_fp32']}; within bf16 tolerance: {report['fast_vs_plain']['ok']})",
         "",

@@ -184,7 +184,7 @@ class TextAttention(nn.Module):
             out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
             return self.o_proj(out.reshape(B, T, -1))
         if q.is_cuda and self.n_kv != self.n_heads:
-            # expanded heads keep PyTorch on its flash kernel whatever the GQA support of the build
+            # expanded heads keep PyTorch on a fast kernel whatever the GQA support of the build
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
