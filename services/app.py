@@ -7,8 +7,6 @@ Replica counts, CPUs/GPUs, autoscaling and queue limits are Ray's own deployment
 the YAML `deployments:` section (deploy/serve_config.yaml, deploy/local.yaml).
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +16,7 @@ from ray.serve import Application
 from hidream_serve.api.protocol import Defaults, Limits
 from hidream_serve.embedded import DEFAULT_SCORER, DISABLED, ENV_MODEL, ENV_SCORER, is_embedded, resolve_model
 
-from .config import GeneratorConfig, RouterConfig, ScorerConfig
+from .config import EngineOptions, GeneratorConfig, RouterConfig, ScorerConfig
 from .generator import Generator
 from .router import Router
 from .scorer import Scorer
@@ -34,6 +32,7 @@ class AppArgs(BaseModel):
                                                 "else embedded:tiny")  # fmt: skip
     device: Device = "auto"
     dtype: DType = "auto"
+    engine: EngineOptions = Field(default_factory=EngineOptions, description="pipeline load options (compile...)")
     scorer_model: str | None = Field(None, description=f"CLIP directory, 'embedded:tiny-clip' or 'none'; unset: "
                                                        f"${ENV_SCORER}, else {DEFAULT_SCORER}")  # fmt: skip
     scorer_device: Device = "auto"
@@ -56,12 +55,13 @@ def assemble(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) ->
     scorer_spec = resolve_model(args.scorer_model, ENV_SCORER, DEFAULT_SCORER)
     scorer_on = scorer_spec.lower() not in DISABLED
 
-    gen = Generator.options(user_config=args.generator.model_dump(), **options.get("Generator", {}))
-    generator = gen.bind(model, args.device, args.dtype)
     scorer = None
     if scorer_on:
         sc = Scorer.options(user_config=args.scorer.model_dump(), **options.get("Scorer", {}))
         scorer = sc.bind(scorer_spec, args.scorer_device, args.scorer_dtype)
+    gen = Generator.options(user_config=args.generator.model_dump(), **options.get("Generator", {}))
+    engine = args.engine.model_dump(exclude_none=True)
+    generator = gen.bind(model, args.device, args.dtype, scorer, engine)  # scorer handle: preview pruning
     info = {
         "model": model, "model_name": _display_name(model), "scorer": scorer_spec if scorer_on else None,
         "limits": args.limits.model_dump(), "defaults": args.defaults.model_dump(),
@@ -71,5 +71,8 @@ def assemble(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) ->
 
 
 def build_app(args: AppArgs) -> Application:
-    """Ray Serve app builder (typed args: Serve validates the YAML `args:` against AppArgs)."""
+    """Ray Serve app builder. Serve validates the YAML `args:` against the annotation (AppArgs, unknown keys
+    rejected) before calling; a plain dict (older callers) is validated here."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args or {})
     return assemble(args)

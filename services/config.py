@@ -6,6 +6,8 @@ restarting replicas. `AppArgs` (services/app.py) carries the initial values.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -15,6 +17,8 @@ class _Config(BaseModel):
 
 class RouterConfig(_Config):
     seeds_per_call: int = Field(2, ge=1, le=256, description="seeds per generator call (one batch on one replica)")
+    prune_group_size: int = Field(4, ge=1, le=256, description="at least this many seeds per call when a request "
+                                  "prunes (pruning ranks the candidates within one call)")  # fmt: skip
     generate_timeout_s: float = Field(900.0, gt=0, description="deadline of one generator call")
     score_timeout_s: float = Field(120.0, gt=0, description="deadline of the scorer call; past it, unscored")
     retry_after_s: float = Field(5.0, ge=0, description="Retry-After sent with 503 when overloaded")
@@ -26,6 +30,16 @@ class GeneratorConfig(_Config):
     max_batch: int = Field(4, ge=1, le=256, description="candidates denoised in one forward (memory bound)")
     torch_threads: int | None = Field(None, ge=1, le=1024, description="CPU threads for torch (None: leave)")
     png_compress_level: int = Field(4, ge=0, le=9)
+
+
+class EngineOptions(_Config):
+    """Load-time options of the HiDream pipeline (a change restarts the generator replicas).
+    Only the options set are passed, so unset ones keep the engine's own defaults."""
+
+    fuse: bool | None = Field(None, description="fused q/k/v and gate/up projections")
+    compile: bool | None = Field(None, description="torch.compile the decoder layer (GPU; first call per shape "
+                                 "compiles)")  # fmt: skip
+    attention: Literal["cudnn", "flash", "flash_gqa"] | None = Field(None, description="SDPA kernel preference")
 
 
 class ScorerConfig(_Config):

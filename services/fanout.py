@@ -3,11 +3,13 @@
 Plain asyncio over two injected coroutines, `generate(params, seeds)` and `score(prompt, pngs)`; the
 router passes Ray Serve handle calls, tests pass fakes. Rules:
 
-- a group failing on bad input fails the request (every group has the same input); other group
-  failures drop those seeds with a warning, unless every group failed;
+- a group failing on bad input fails the request (every group has the same input), and so does
+  back-pressure or a lost replica (503: retry later; the other groups are cancelled); any other group
+  failure drops those seeds with a warning, unless every group failed;
 - a scoring failure (error, timeout, no scorer) never loses candidates: they come back unscored
   with a warning, and the winner is the lowest seed;
-- the winner is the highest score, ties broken by the lowest seed.
+- the winner is the highest score, ties broken by the lowest seed, among candidates that ran every
+  step (a candidate stopped by `prune` keeps its preview score and never wins).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hidream_serve.api.errors import BadRequest, ServiceError, classify
+from hidream_serve.api.errors import BadRequest, ServiceError, Unavailable, classify
 
 from .config import RouterConfig
 
@@ -74,9 +76,10 @@ def pick_winner(cands: list[Scored]) -> Scored:
 
 
 async def best_of_n(params, seeds: list[int], generate: GenerateFn, score: ScoreFn | None,
-                    config: RouterConfig) -> Outcome:  # fmt: skip
+                    config: RouterConfig, pruning: bool = False) -> Outcome:  # fmt: skip
     warnings: list[str] = []
-    groups = split_seeds(seeds, config.seeds_per_call)
+    per_call = max(config.seeds_per_call, config.prune_group_size) if pruning else config.seeds_per_call
+    groups = split_seeds(seeds, per_call)
 
     # -- generate: all groups at once; each group is one batch on one replica -----------------------
     t0 = time.perf_counter()
@@ -86,17 +89,26 @@ async def best_of_n(params, seeds: list[int], generate: GenerateFn, score: Score
         out = await asyncio.wait_for(generate(params, group), config.generate_timeout_s)
         return out, time.perf_counter() - start
 
-    results = await asyncio.gather(*(one(g) for g in groups), return_exceptions=True)
+    tasks = [asyncio.ensure_future(one(g)) for g in groups]
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    err = classify(t.exception(), config.retry_after_s)
+                    # bad input fails every group alike; back-pressure means retry the whole request later
+                    if isinstance(err, (BadRequest, Unavailable)):
+                        raise err from None
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()  # cancels the handle call, and so the queued or running work on the replica
     t_gen = time.perf_counter() - t0
+    results = [t.exception() or t.result() for t in tasks]
     errors = [(g, r) for g, r in zip(groups, results) if isinstance(r, BaseException)]
-    for _, r in errors:
-        if isinstance(r, asyncio.CancelledError):
-            raise r
-        err = classify(r)
-        if isinstance(err, BadRequest):
-            raise err
     if len(errors) == len(groups):
-        raise classify(errors[0][1])
+        raise classify(errors[0][1], config.retry_after_s)
     for g, r in errors:
         err = classify(r)
         log.warning("seeds %s failed: %s", g, err.message)
@@ -116,16 +128,19 @@ async def best_of_n(params, seeds: list[int], generate: GenerateFn, score: Score
         busy = float(out.get("busy_s", wall))
         group_info.append({"replica": out["replica"], "seeds": g, "queued": max(0.0, wall - busy), "seconds": wall})
         for c in out["candidates"]:
+            pruned = c.get("pruned_at_step") is not None
             candidates.append(Scored(seed=c["seed"], png=c["png"], replica=out["replica"],
-                                     steps_computed=c.get("steps_computed", 0),
-                                     pruned_at_step=c.get("pruned_at_step")))  # fmt: skip
+                                     steps_computed=c.get("steps_computed", 0), pruned_at_step=c.get("pruned_at_step"),
+                                     score=c.get("preview_score") if pruned else None,
+                                     scores={"preview": c["preview_score"]} if pruned and c.get("preview_score")
+                                     is not None else None))  # fmt: skip
     order = {s: i for i, s in enumerate(seeds)}
     candidates.sort(key=lambda c: order[c.seed])
 
     # -- score: the whole set in one call; failure -> unscored, never lost -------------------------------
     t1 = time.perf_counter()
     scorer_name = None
-    to_score = [c for c in candidates if c.png is not None]
+    to_score = [c for c in candidates if c.png is not None and c.pruned_at_step is None]  # pruned: preview score
     scored = False
     if score is None:
         warnings.append("no scorer is configured: candidates are unscored and the winner is the lowest seed")

@@ -14,6 +14,7 @@ import threading
 import time
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from hidream_serve.api.errors import Unavailable, classify
 from hidream_serve.api.images import encode_png
@@ -21,13 +22,15 @@ from hidream_serve.embedded import model_dir
 from hidream_serve.engine.params import GenerationParams
 
 from .config import GeneratorConfig, pick_device, pick_dtype, replica_name
+from .pruning import stage_steps, survivors
 
 log = logging.getLogger("hidream_serve.generator")
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=1, ray_actor_options={"num_cpus": 1})
 class Generator:
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto",
+                 scorer: DeploymentHandle | None = None, engine: dict | None = None):  # fmt: skip
         import torch
 
         from hidream_serve.engine.pipeline import HiDreamPipeline
@@ -38,11 +41,12 @@ class Generator:
         self.spec = model
         t0 = time.perf_counter()
         self.pipe = HiDreamPipeline.from_pretrained(self.path, device=self.device, dtype=pick_dtype(dtype, self.device),
-                                                    max_batch=self.config.max_batch)  # fmt: skip
+                                                    max_batch=self.config.max_batch, **(engine or {}))  # fmt: skip
         self.replica = replica_name()
         self._lock = threading.Lock()  # one engine call at a time, whatever max_ongoing_requests says
         self._broken: str | None = None
         self._torch = torch
+        self.scorer = scorer  # scores previews when a request asks for early pruning
         log.info("%s loaded %s on %s in %.1fs", self.replica, self.path, self.device, time.perf_counter() - t0)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -61,17 +65,22 @@ class Generator:
 
     async def generate(self, params: GenerationParams, seeds: list[int], meta: dict | None = None) -> dict:
         t0 = time.perf_counter()
+        meta = dict(meta or {})
+        meta["loop"] = asyncio.get_running_loop()
         try:
-            out = await asyncio.to_thread(self._generate, params, list(seeds), meta or {})
+            out = await asyncio.to_thread(self._generate, params, list(seeds), meta)
         except Exception as e:  # noqa: BLE001 - every error leaves as a picklable ServiceError
             raise self._convert(e) from None
         out["busy_s"] = time.perf_counter() - t0
         return out
 
     def _generate(self, params: GenerationParams, seeds: list[int], meta: dict) -> dict:
+        warnings: list[str] = []
+        preview_scores: dict[int, float] = {}
+        hook = self._pruning_hook(params, meta, preview_scores, warnings) if meta.get("prune") else None
         with self._lock:
             t0 = time.perf_counter()
-            result = self.pipe(params, seeds)
+            result = self.pipe(params, seeds, on_step=hook)
             t1 = time.perf_counter()
         settings = dict(result.settings)
         text = {"prompt": params.prompt, "mode": params.mode, "settings": settings,
@@ -81,11 +90,42 @@ class Generator:
             img = c.image if c.image is not None else c.preview
             png = None if img is None else encode_png(img, {**text, "seed": str(c.seed)}, self.config.png_compress_level)
             candidates.append({"seed": c.seed, "png": png, "pruned_at_step": c.pruned_at_step,
-                               "steps_computed": c.steps_computed})  # fmt: skip
+                               "steps_computed": c.steps_computed, "preview_score": preview_scores.get(c.seed)})  # fmt: skip
         return {
-            "replica": self.replica, "candidates": candidates, "settings": settings, "warnings": list(result.warnings),
+            "replica": self.replica, "candidates": candidates, "settings": settings,
+            "warnings": list(result.warnings) + warnings,
             "engine_s": t1 - t0, "encode_s": time.perf_counter() - t1, "timings": dict(result.timings),
         }  # fmt: skip
+
+    def _pruning_hook(self, params: GenerationParams, meta: dict, preview_scores: dict, warnings: list):
+        """Engine step hook: at each stage's step, score the previews (scorer deployment) and keep the best."""
+        loop, stages, timeout = meta["loop"], meta["prune"], float(meta.get("score_timeout_s", 120))
+        schedule: dict[int, float] | None = None
+
+        def hook(state):
+            nonlocal schedule
+            if schedule is None:
+                schedule = stage_steps(stages, state.num_steps)
+            keep = schedule.get(state.step)
+            if keep is None or len(state.seeds) < 2:
+                return None
+            pngs = [encode_png(state.preview(i), compress_level=1) for i in range(len(state.seeds))]
+            try:
+                fut = asyncio.run_coroutine_threadsafe(self._score(params.prompt, pngs), loop)
+                scores = fut.result(timeout)["composite"]
+            except Exception as e:  # noqa: BLE001 - a failed preview score means no pruning, not a failed request
+                log.warning("%s: preview scoring failed: %r", self.replica, e)
+                warnings.append(f"pruning skipped at step {state.step + 1}: preview scoring failed")
+                return None
+            kept = survivors(scores, state.seeds, keep)
+            for i, seed in enumerate(state.seeds):
+                preview_scores[seed] = float(scores[i])
+            return kept
+
+        return hook
+
+    async def _score(self, prompt: str, pngs: list[bytes]) -> dict:
+        return await self.scorer.score.remote(prompt, pngs)
 
     def _convert(self, e: Exception):
         torch = self._torch

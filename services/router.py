@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -22,8 +21,18 @@ from hidream_serve.api.checks import precheck
 from hidream_serve.api.errors import PayloadTooLarge, error_response, install_error_handlers
 from hidream_serve.api.images import b64
 from hidream_serve.api.protocol import (
-    CandidateOut, Debug, Defaults, GenerateRequest, GenerateResponse, GroupInfo, Limits, Mode, Timings, Winner,
+    CandidateOut,
+    Debug,
+    Defaults,
+    GenerateRequest,
+    GenerateResponse,
+    GroupInfo,
+    Limits,
+    Mode,
+    Timings,
+    Winner,
 )  # fmt: skip
+from hidream_serve.engine.errors import InvalidInput
 from hidream_serve.engine.params import DEV, FULL, MODES, RECIPES, SCHEDULERS
 
 from .config import RouterConfig
@@ -33,29 +42,37 @@ log = logging.getLogger("hidream_serve.router")
 
 app = FastAPI(title="hidream-serve", version="0.1.0",
               description="HiDream-O1-Image: every mode behind one HTTP API, best-of-N on Ray Serve")  # fmt: skip
-_state: dict[str, Any] = {"retry_after_s": 5.0, "max_body_bytes": 300 * 2**20}
-install_error_handlers(app, retry_after_s=lambda: _state["retry_after_s"])
+
+
+def _config() -> RouterConfig:
+    """The live RouterConfig of this replica. (Serve freezes a copy of `app` at decoration time, so
+    middleware and handlers cannot share module state with the deployment; they ask the replica.)"""
+    try:
+        return serve.get_replica_context().servable_object.config
+    except Exception:  # noqa: BLE001 - outside a replica, or before __init__ finished
+        return RouterConfig()
+
+
+install_error_handlers(app, retry_after_s=lambda: _config().retry_after_s)
 
 
 @app.middleware("http")
 async def _request_id_and_size(request: Request, call_next):
-    rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-    request.state.request_id = rid
+    # Serve's proxy assigns each request an id and passes it in `x-request-id` (and echoes it back).
+    request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     request.state.t0 = time.perf_counter()
     length = request.headers.get("content-length")
-    print("MWDEBUG", length, _state, id(_state), flush=True)
-    if length is not None and length.isdigit() and int(length) > _state["max_body_bytes"]:
-        err = PayloadTooLarge(f"request body is {length} bytes, more than {_state['max_body_bytes']}", field="body")
-        return error_response(err, rid)
-    response = await call_next(request)
-    response.headers.setdefault("X-Request-Id", rid)
-    return response
+    limit = _config().max_body_bytes
+    if length is not None and length.isdigit() and int(length) > limit:
+        err = PayloadTooLarge(f"request body is {length} bytes, more than {limit}", field="body")
+        return error_response(err, request.state.request_id)
+    return await call_next(request)
 
 
 @serve.deployment(name="Router", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Router:
-    def __init__(self, generator: DeploymentHandle, scorer: Optional[DeploymentHandle], info: dict):
+    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, info: dict):
         self.generator = generator
         self.scorer = scorer
         self.limits = Limits.model_validate(info["limits"])
@@ -66,9 +83,6 @@ class Router:
 
     def reconfigure(self, user_config: dict) -> None:
         self.config = RouterConfig.model_validate(user_config or {})
-        _state["retry_after_s"] = self.config.retry_after_s
-        _state["max_body_bytes"] = self.config.max_body_bytes
-        print("RECONF", _state, id(_state), flush=True)
 
     # -- generate -----------------------------------------------------------------------------------
     @app.post("/v1/generate/{mode}", response_model=GenerateResponse, response_model_exclude_none=False)
@@ -78,8 +92,11 @@ class Router:
         try:
             params, seeds = body.to_engine(mode, self.limits, self.defaults)
             pre = await asyncio.to_thread(precheck, params, seeds, self.limits)
+            prune = body.prune_plan()
+            if prune and self.scorer is None:
+                raise InvalidInput("prune", "pruning needs a scorer and this server has none configured")
             t_valid = time.perf_counter() - t0
-            meta = {"request_id": rid}
+            meta = {"request_id": rid, "prune": prune, "score_timeout_s": self.config.score_timeout_s}
 
             async def generate(p, group):
                 return await self.generator.generate.remote(p, group, meta)
@@ -87,7 +104,8 @@ class Router:
             async def score(prompt, pngs):
                 return await self.scorer.score.remote(prompt, pngs)
 
-            out = await best_of_n(params, seeds, generate, score if self.scorer is not None else None, self.config)
+            out = await best_of_n(params, seeds, generate, score if self.scorer is not None else None, self.config,
+                                  pruning=bool(prune))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - the one mapping, in hidream_serve.api.errors
             return error_response(e, rid, self.config.retry_after_s)
 
@@ -112,7 +130,7 @@ class Router:
             debug=Debug(replicas=replicas, groups=[GroupInfo(**g) for g in out.groups], scorer=out.scorer),
         )  # fmt: skip
         log.info("request %s %s n=%d winner=%d total=%.2fs", rid, mode, len(seeds), out.winner.seed, resp.timings.total)
-        return JSONResponse(resp.model_dump(mode="json", by_alias=True), headers={"X-Request-Id": rid})
+        return JSONResponse(resp.model_dump(mode="json", by_alias=True))
 
     # -- metadata and probes ------------------------------------------------------------------------------
     @app.get("/v1/models")

@@ -53,7 +53,7 @@ class Scorer:
     async def score(self, prompt: str, images: list[bytes]) -> dict:
         try:
             return await asyncio.to_thread(self._score, prompt, images)
-        except Exception as e:  # noqa: BLE001 - leave as a picklable ServiceError
+        except Exception as e:
             log.exception("%s: scoring failed", self.replica)
             raise classify(e) from None
 

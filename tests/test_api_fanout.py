@@ -105,10 +105,33 @@ def test_bad_input_from_a_replica_fails_the_request():
 
 
 def test_one_failed_group_drops_its_seeds_with_a_warning():
-    gen = fake_generate([], fail_groups=(3,), error=Unavailable("replica died"))
+    gen = fake_generate([], fail_groups=(3,), error=RuntimeError("CUDA went away"))
     out = run(best_of_n(PARAMS, [1, 2, 3, 4], gen, scores_by_seed({1: 0.0, 2: 1.0}), RouterConfig(seeds_per_call=2)))
     assert [c.seed for c in out.candidates] == [1, 2] and out.winner.seed == 2
     assert any("[3, 4]" in w for w in out.warnings)
+
+
+def test_back_pressure_on_one_group_fails_the_request_and_cancels_the_rest():
+    cancelled = []
+
+    async def generate(params, seeds):
+        if seeds[0] == 3:
+            raise Unavailable("queue full", retry_after_s=4)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.append(seeds)
+            raise
+
+    async def main():
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(Unavailable) as e:
+            await best_of_n(PARAMS, [1, 2, 3, 4], generate, None, RouterConfig(seeds_per_call=2))
+        await asyncio.sleep(0)
+        return e.value, asyncio.get_running_loop().time() - t0
+
+    err, took = run(main())
+    assert err.retry_after_s == 4 and took < 1 and cancelled == [[1, 2]]
 
 
 def test_all_groups_failing_raises_the_service_error():
@@ -122,3 +145,44 @@ def test_generation_deadline():
 
     with pytest.raises(DeadlineExceeded):  # -> 504
         run(best_of_n(PARAMS, [1], hang, None, RouterConfig(generate_timeout_s=0.1)))
+
+
+# -- early pruning (issue 4) -----------------------------------------------------------------------------
+
+
+def test_stage_steps():
+    from services.pruning import stage_steps
+
+    assert stage_steps([{"at": 0.5, "keep": 0.5}], 4) == {1: 0.5}
+    assert stage_steps([{"at": 0.5, "keep": 0.5}], 50) == {24: 0.5}
+    assert stage_steps([{"at": 0.01, "keep": 0.5}, {"at": 0.99, "keep": 0.3}], 10) == {0: 0.5, 8: 0.3}
+    assert stage_steps([{"at": 0.5, "keep": 0.5}], 1) == {}  # nothing to save on a one-step run
+
+
+def test_survivors_keep_the_best_fraction():
+    from services.pruning import survivors
+
+    assert survivors([1.0, 5.0, 3.0, 4.0], [10, 11, 12, 13], 0.5) == [1, 3]
+    assert survivors([2.0, 2.0, 1.0], [9, 4, 1], 0.3) == [1]  # tie -> lower seed
+    assert survivors([1.0, 2.0], [1, 2], 1.0) is None and survivors([1.0], [1], 0.1) is None
+    assert survivors([1.0, 2.0, 3.0], [1, 2, 3], 0.5) == [1, 2]  # ceil: keep at least the fraction
+
+
+def test_pruned_candidates_keep_preview_scores_and_never_win():
+    async def generate(params, seeds):
+        return {"replica": "G#0", "settings": {"steps": 4}, "busy_s": 0.0, "candidates": [
+            {"seed": s, "png": f"png{s}".encode(), "steps_computed": 4 if s % 2 else 2,
+             "pruned_at_step": None if s % 2 else 1, "preview_score": 99.0 if s % 2 == 0 else 1.0}
+            for s in seeds]}  # fmt: skip
+
+    scored_sets = []
+
+    async def score(prompt, pngs):
+        scored_sets.append(len(pngs))
+        return {"composite": [float(len(p)) for p in pngs], "replica": "S#0"}
+
+    out = run(best_of_n(PARAMS, [1, 2, 3, 4], generate, score, RouterConfig(seeds_per_call=2)))
+    assert scored_sets == [2]  # only the survivors are scored at the end
+    pruned = [c for c in out.candidates if c.pruned_at_step is not None]
+    assert [c.seed for c in pruned] == [2, 4] and all(c.score == 99.0 and c.scores == {"preview": 99.0} for c in pruned)
+    assert out.winner.seed in (1, 3) and out.winner.pruned_at_step is None

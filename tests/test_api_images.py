@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from _images import b64, encode, noise_image, solid_image
 from PIL import Image
 
-from _images import b64, encode, noise_image, solid_image
 from hidream_serve.api.images import decode_image, encode_png, png_text
 from hidream_serve.engine.errors import InvalidInput
 

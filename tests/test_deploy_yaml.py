@@ -16,10 +16,10 @@ import yaml
 from pydantic import BaseModel
 
 pytest.importorskip("ray.serve")
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
+from ray.serve.schema import ServeDeploySchema
 
-from services.app import AppArgs  # noqa: E402
-from services.config import GeneratorConfig, RouterConfig, ScorerConfig  # noqa: E402
+from services.app import AppArgs
+from services.config import GeneratorConfig, RouterConfig, ScorerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "deploy" / "serve_config.yaml", ROOT / "deploy" / "local.yaml"]
@@ -145,3 +145,31 @@ def test_the_walker_catches_unknown_app_args():
                               "args": {"modle": "x", "limits": {"max_N": 3}}}]}  # fmt: skip
     bad = check_file(data)
     assert any("args.modle" in b for b in bad) and any("args.limits.max_N" in b for b in bad)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_ray_calls_the_typed_builder_with_validated_args(path):
+    """Serve converts `args:` to AppArgs only if the annotation is a real class (no string annotations)."""
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from services.app import build_app
+
+    args = yaml.safe_load(path.read_text())["applications"][0]["args"]
+    assert call_user_app_builder_with_args_if_necessary(build_app, args).__class__ is Application
+    with pytest.raises(Exception, match="modle"):
+        call_user_app_builder_with_args_if_necessary(build_app, {**args, "modle": "typo"})
+
+
+def test_engine_options_are_pipeline_arguments():
+    """`args.engine` keys are passed to HiDreamPipeline(...): guard against a rename in the engine."""
+    import inspect
+
+    from hidream_serve.engine.pipeline import HiDreamPipeline
+    from services.config import EngineOptions
+
+    accepted = set(inspect.signature(HiDreamPipeline.__init__).parameters)
+    assert set(EngineOptions.model_fields) <= accepted
+    for path in FILES:
+        engine = yaml.safe_load(path.read_text())["applications"][0]["args"].get("engine", {})
+        assert set(engine) <= accepted

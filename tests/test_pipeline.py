@@ -131,3 +131,10 @@ def test_bad_seeds(pipe):
         with pytest.raises(InvalidInput) as e:
             pipe(p, seeds)
         assert e.value.field == field
+
+
+def test_invalid_input_pickles():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(InvalidInput("refs[2]", "bad image")))
+    assert isinstance(e, InvalidInput) and e.field == "refs[2]" and e.message == "bad image"

@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from _images import noise_image, solid_image
+
 from hidream_serve.embedded import ensure_embedded
 from hidream_serve.scoring.clip import ClipPreprocess, ClipScorer, write_tiny_clip
 

@@ -15,9 +15,8 @@ import socket
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from _images import b64, noise_image, solid_image
+from PIL import Image
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -58,7 +57,8 @@ def service(tmp_path_factory):
         )  # fmt: skip
         app = assemble(args, {
             "Router": {"ray_actor_options": {"num_cpus": 0}},
-            "Generator": {"num_replicas": 2, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.5}},
+            "Generator": {"num_replicas": 2, "max_ongoing_requests": 1, "max_queued_requests": 4,
+                          "ray_actor_options": {"num_cpus": 0.5}},
             "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
         })  # fmt: skip
         serve.run(app, name="hidream", route_prefix="/", blocking=False)
@@ -207,6 +207,26 @@ def test_candidate_is_bit_identical_to_solo_request(batch_and_solo):
     assert png(batch["image"])[2] == png(solo["winner"]["image"])[2]
 
 
+def test_best_of_8_with_pruning(service):
+    body = {"prompt": "a fox", "seed": 300, "n": 8, "return": "all", **SMALL, "steps": 4,
+            "prune": {"at": 0.5, "keep": 0.5}}  # fmt: skip
+    d = gen(service, "t2i", body)
+    assert [c["seed"] for c in d["candidates"]] == list(range(300, 308))
+    pruned = [c for c in d["candidates"] if c["pruned"]]
+    alive = [c for c in d["candidates"] if not c["pruned"]]
+    assert len(pruned) == 4 and len(alive) == 4
+    assert all(c["steps_computed"] == 2 and c["pruned_at_step"] == 1 and c["score"] is not None for c in pruned)
+    assert all(c["steps_computed"] == 4 for c in alive)
+    assert d["winner"]["seed"] in {c["seed"] for c in alive}
+    assert d["winner"]["score"] == max(c["score"] for c in alive)
+    assert d["steps_full"] == 32 and d["steps_computed"] <= 0.75 * d["steps_full"]
+    # a survivor is still exactly its own seed's image: pruning others does not change it (up to rounding)
+    survivor = alive[0]
+    solo = gen(service, "t2i", {"prompt": "a fox", "seed": survivor["seed"], **SMALL, "steps": 4})
+    diff = np.abs(png(survivor["image"])[0].astype(int) - png(solo["winner"]["image"])[0].astype(int))
+    assert diff.max() <= 1
+
+
 def test_explicit_seeds(service):
     d = gen(service, "t2i", {"prompt": "x", "seeds": [5, 900, 17], "return": "all", **SMALL})
     assert [c["seed"] for c in d["candidates"]] == [5, 900, 17]
@@ -280,6 +300,23 @@ def test_oversized_body_is_413_before_parsing(service):
 
 def test_unknown_route_is_404(service):
     assert service.get("/v1/nothing").status_code == 404
+
+
+def test_overload_is_503_with_retry_after_and_never_500(service):
+    """6 concurrent best-of-8 = 24 seed groups for 2 replicas and a queue of 4: some must be turned away."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        with httpx.Client(base_url=str(service.base_url), timeout=120, trust_env=False) as c:
+            return c.post("/v1/generate/t2i", json={"prompt": "busy", "seed": 1000 + 10 * i, "n": 8, **SMALL})
+
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(one, range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "3" and r.json()["error"]["type"] == "unavailable"
 
 
 def test_service_still_healthy_after_bad_requests(service):

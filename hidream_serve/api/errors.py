@@ -167,10 +167,7 @@ def error_response(exc: BaseException, request_id: str | None = None, retry_afte
         body["error"]["errors"] = extra
     if request_id:
         body["error"]["request_id"] = request_id
-    headers = err.headers()
-    if request_id:
-        headers["X-Request-Id"] = request_id
-    return JSONResponse(body, status_code=err.status, headers=headers)
+    return JSONResponse(body, status_code=err.status, headers=err.headers())
 
 
 def install_error_handlers(app, retry_after_s=lambda: DEFAULT_RETRY_AFTER_S) -> None:

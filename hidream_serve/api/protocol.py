@@ -122,6 +122,15 @@ class GenerateRequest(_Strict):
         None, max_length=8, description="early pruning on previews: a stage {at, keep} or a list of stages"
     )
 
+    def prune_plan(self) -> list[dict[str, float]]:
+        """Pruning stages in step order, as plain dicts for the generator (empty: no pruning)."""
+        if not self.prune:
+            return []
+        stages = sorted(self.prune, key=lambda s: s.at)
+        if len({s.at for s in stages}) != len(stages):
+            raise InvalidInput("prune", "two stages at the same step fraction")
+        return [{"at": s.at, "keep": s.keep} for s in stages]
+
     def seed_list(self, limits: Limits, defaults: Defaults) -> list[int]:
         if self.seeds is not None:
             if self.seed is not None:
@@ -152,8 +161,7 @@ class GenerateRequest(_Strict):
             raise InvalidInput("prompt", "t2i needs a non-empty prompt")
         if len(self.refs) > limits.max_refs:
             raise InvalidInput("refs", f"at most {limits.max_refs} reference images, got {len(self.refs)}")
-        if self.prune is not None:
-            raise InvalidInput("prune", "early pruning is not available on this server yet")
+        self.prune_plan()  # validates
         seeds = self.seed_list(limits, defaults)
         images = [
             decode_image(r.image, f"refs[{i}].image", limits.max_image_bytes, limits.max_image_pixels)
@@ -201,7 +209,7 @@ class CandidateOut(BaseModel):
     score: float | None = Field(None, description="composite score; null when unscored")
     scores: dict[str, float] | None = Field(None, description="score per scorer")
     image: str | None = Field(None, description="base64 PNG (with return=all)")
-    pruned: bool = False
+    pruned: bool = Field(False, description="stopped early by `prune`; `image` is then its last preview")
     pruned_at_step: int | None = None
     steps_computed: int = 0
     replica: str | None = None

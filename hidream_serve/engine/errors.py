@@ -15,6 +15,9 @@ class InvalidInput(EngineError, ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self):  # survives pickling across Ray processes
+        return (type(self), (self.field, self.message))
+
 
 class CheckpointError(EngineError):
     """The checkpoint directory is missing files, or its weights do not fit the architecture."""

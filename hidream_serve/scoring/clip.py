@@ -50,7 +50,7 @@ class ClipPreprocess:
     do_normalize: bool = True
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "ClipPreprocess":
+    def from_dict(cls, cfg: dict) -> ClipPreprocess:
         size = cfg.get("size", 224)
         if isinstance(size, dict):
             if "shortest_edge" in size:
@@ -70,7 +70,7 @@ class ClipPreprocess:
         )  # fmt: skip
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "ClipPreprocess":
+    def from_dir(cls, directory: str | Path) -> ClipPreprocess:
         path = Path(directory) / "preprocessor_config.json"
         if not path.is_file():
             raise ScorerLoadError(f"{directory}: no preprocessor_config.json")
@@ -126,7 +126,7 @@ class ClipScorer:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, batch_size: int = 16) -> "ClipScorer":  # fmt: skip
+                        dtype: torch.dtype | None = None, batch_size: int = 16) -> ClipScorer:  # fmt: skip
         from transformers import AutoTokenizer, CLIPModel
 
         directory = Path(directory)
@@ -137,7 +137,7 @@ class ClipScorer:
         try:
             model = CLIPModel.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        except Exception as e:
             raise ScorerLoadError(f"{directory}: cannot load CLIP: {type(e).__name__}: {e}") from e
         model = model.to(device).eval().requires_grad_(False)
         return cls(model, tokenizer, ClipPreprocess.from_dir(directory), batch_size=batch_size, path=directory)
