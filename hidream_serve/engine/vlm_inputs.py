@@ -1,8 +1,8 @@
 """Vision-tower inputs for the conditioning images, computed the way Qwen3-VL's image processor does.
 
-Kept free of torchvision: resizing uses torch's antialiased bicubic interpolation (the kernel the
-processor's torchvision backend calls), and the rescale/normalise and patch ordering follow the
-processor's math. `preprocessor_config.json` supplies the sizes and statistics.
+Kept free of torchvision: resizing uses torch's native uint8 antialiased bicubic kernel (the one the
+processor's torchvision backend reaches for uint8 images), and the rescale/normalise and patch
+ordering follow the processor's math. `preprocessor_config.json` supplies the sizes and statistics.
 """
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 def _resize_uint8_bicubic(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    # x: (3, H, W) uint8 -> (3, height, width) uint8, antialiased bicubic, rounded back to uint8
-    y = F.interpolate(x[None].float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
-    return y[0].clamp_(0, 255).round_().to(torch.uint8)
+    # x: (3, H, W) uint8 -> (3, height, width) uint8. The processor's torchvision backend resizes uint8 images
+    # with torch's native uint8 antialiased bicubic kernel (fixed point, uint8 between its two separable
+    # passes); resizing in float and rounding once gives different pixels.
+    return F.interpolate(x.cpu()[None], size=(height, width), mode="bicubic", align_corners=False, antialias=True)[0]
 
 
 @dataclass
