@@ -33,3 +33,12 @@ def make_image(w: int, h: int, seed: int = 0) -> Image.Image:
         fx, fy, ph = rng.uniform(0.5, 4), rng.uniform(0.5, 4), rng.uniform(0, 6.28)
         chans.append(127.5 + 127.5 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph))
     return Image.fromarray(np.stack(chans, -1).astype(np.uint8))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

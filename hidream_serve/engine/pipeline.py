@@ -156,7 +156,11 @@ class HiDreamPipeline:
         self.conditioning = ConditioningBuilder(checkpoint.tokenizer, self.model.config, checkpoint.vision_cfg)
         self.max_batch = max_batch
         self.model.fuse_projections(fuse)
-        self.layer_fn = torch.compile(_generated_layer, dynamic=False) if compile else None
+        self.layer_fn = None
+        if compile:
+            # one graph per (batch rows, sequence length): a service sees many shapes over its life
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.layer_fn = torch.compile(_generated_layer, dynamic=False)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None, **options):

@@ -1,0 +1,35 @@
+"""GPU-only checks (skipped without CUDA): device independence and the bf16 fast path on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hidream_serve.engine.params import GenerationParams
+from hidream_serve.engine.pipeline import HiDreamPipeline
+from tests.conftest import make_image
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _img(pipe, params, seed):
+    return np.asarray(pipe(params, [seed]).candidates[0].image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("recipe", ["full", "dev"])
+def test_same_image_on_cpu_and_cuda(tiny_dir, pipe, recipe):
+    """A seed's image does not depend on the device (float32 on both)."""
+    gpu = HiDreamPipeline.from_pretrained(tiny_dir, device="cuda", dtype=torch.float32)
+    p = GenerationParams(mode="ip", prompt="a toy", refs=[make_image(96, 64)], width=128, height=128,
+                         exact_size=True, recipe=recipe, steps=None if recipe == "dev" else 4)  # fmt: skip
+    diff = np.abs(_img(pipe, p, 3) - _img(gpu, p, 3))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_bf16_compiled_path_runs_and_tracks_float32(tiny_dir):
+    fast = HiDreamPipeline.from_pretrained(tiny_dir, device="cuda", dtype=torch.bfloat16, compile=True)
+    ref = HiDreamPipeline.from_pretrained(tiny_dir, device="cuda", dtype=torch.float32)
+    p = GenerationParams(mode="t2i", prompt="x", width=256, height=256, exact_size=True, steps=4)
+    a, b = _img(fast, p, 1), _img(ref, p, 1)
+    assert np.abs(a - b).mean() < 8, np.abs(a - b).mean()
