@@ -1,4 +1,4 @@
-"""Command line: `hidream-serve tiny-checkpoint` and `hidream-serve generate`."""
+"""Command line: `hidream-serve tiny-checkpoint`, `hidream-serve generate` and `hidream-serve calibrate-pruning`."""
 
 from __future__ import annotations
 
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tiny(sub)
     _add_generate(sub)
+    from .calibrate import add_parser as _add_calibrate
+
+    _add_calibrate(sub)
     return parser
 
 

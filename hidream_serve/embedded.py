@@ -1,4 +1,5 @@
-"""Model specs: a directory path, or `embedded:tiny` / `embedded:tiny-clip` (built once, cached, shared).
+"""Model specs: a directory path, or `embedded:tiny` / `embedded:tiny-clip` / `embedded:tiny-pickscore` /
+`embedded:tiny-dino` (built once, cached, shared).
 
 The embedded models are the tiny random-weight checkpoints the project writes itself, so the service
 starts on a laptop with nothing downloaded. They are built on first use under the cache directory
@@ -26,8 +27,13 @@ DISABLED = ("none", "off", "disabled")
 ENV_CACHE = "HIDREAM_SERVE_CACHE"
 ENV_MODEL = "HIDREAM_MODEL_PATH"
 ENV_SCORER = "HIDREAM_SCORER_PATH"
+ENV_PICKSCORE = "HIDREAM_PICKSCORE_PATH"
+ENV_PICKSCORE_PROCESSOR = "HIDREAM_PICKSCORE_PROCESSOR_PATH"
+ENV_DINO = "HIDREAM_DINO_PATH"
 DEFAULT_MODEL = "embedded:tiny"
 DEFAULT_SCORER = "embedded:tiny-clip"
+DEFAULT_PICKSCORE = "embedded:tiny-pickscore"
+DEFAULT_DINO = "embedded:tiny-dino"
 _READY = ".complete"
 
 
@@ -50,11 +56,28 @@ def _tiny_clip(out: Path, seed: int) -> None:
     write_tiny_clip(out, seed=seed)
 
 
+def _tiny_pickscore(out: Path, seed: int) -> None:
+    from .scoring.pickscore import write_tiny_pickscore
+
+    write_tiny_pickscore(out, seed=seed + 1)
+
+
+def _tiny_dino(out: Path, seed: int) -> None:
+    from .scoring.dino import write_tiny_dino
+
+    write_tiny_dino(out, seed=seed + 2)
+
+
 def _builders() -> dict[str, tuple[Callable[[Path, int], None], str]]:
     from . import tiny
-    from .scoring import clip
+    from .scoring import clip, dino, pickscore
 
-    return {"tiny": (_tiny_model, inspect.getsource(tiny)), "tiny-clip": (_tiny_clip, inspect.getsource(clip))}
+    return {
+        "tiny": (_tiny_model, inspect.getsource(tiny)),
+        "tiny-clip": (_tiny_clip, inspect.getsource(clip)),
+        "tiny-pickscore": (_tiny_pickscore, inspect.getsource(clip) + inspect.getsource(pickscore)),
+        "tiny-dino": (_tiny_dino, inspect.getsource(dino)),
+    }
 
 
 def embedded_names() -> list[str]:
@@ -99,6 +122,17 @@ def ensure_embedded(spec: str, root: Path | None = None, seed: int = 0) -> Path:
 def resolve_model(spec: str | None, env: str = ENV_MODEL, default: str = DEFAULT_MODEL) -> str:
     """The spec to use: the given one, else the environment variable, else the default."""
     return spec or os.environ.get(env) or default
+
+
+def is_disabled(spec: str | None) -> bool:
+    return spec is not None and spec.strip().lower() in DISABLED
+
+
+def optional_model_dir(spec: str | None) -> Path | None:
+    """Like `model_dir`, but None or 'none'/'off'/'disabled' -> None (the scorer is not configured)."""
+    if spec is None or is_disabled(spec):
+        return None
+    return model_dir(spec)
 
 
 def model_dir(spec: str) -> Path:

@@ -14,7 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from hidream_serve.api.protocol import Defaults, Limits
-from hidream_serve.embedded import DEFAULT_SCORER, DISABLED, ENV_MODEL, ENV_SCORER, is_embedded, resolve_model
+from hidream_serve.embedded import (
+    DEFAULT_DINO,
+    DEFAULT_PICKSCORE,
+    DEFAULT_SCORER,
+    ENV_DINO,
+    ENV_MODEL,
+    ENV_PICKSCORE,
+    ENV_PICKSCORE_PROCESSOR,
+    ENV_SCORER,
+    is_disabled,
+    is_embedded,
+    resolve_model,
+)  # fmt: skip
 
 from .config import EngineOptions, GeneratorConfig, RouterConfig, ScorerConfig
 from .generator import Generator
@@ -33,8 +45,18 @@ class AppArgs(BaseModel):
     device: Device = "auto"
     dtype: DType = "auto"
     engine: EngineOptions = Field(default_factory=EngineOptions, description="pipeline load options (compile...)")
-    scorer_model: str | None = Field(None, description=f"CLIP directory, 'embedded:tiny-clip' or 'none'; unset: "
-                                                       f"${ENV_SCORER}, else {DEFAULT_SCORER}")  # fmt: skip
+    scorer_model: str | None = Field(None, description="CLIP directory (prompt alignment), 'embedded:tiny-clip' or "
+                                                       f"'none'; unset: ${ENV_SCORER}, else {DEFAULT_SCORER}")  # fmt: skip
+    pickscore_model: str | None = Field(None, description="PickScore_v1 directory (human preference), "
+                                        f"'embedded:tiny-pickscore' or 'none'; unset: ${ENV_PICKSCORE}, else the tiny "
+                                        "one when the generator model is embedded, else none")  # fmt: skip
+    pickscore_processor: str | None = Field(None, description="directory with PickScore's tokenizer and "
+                                            "preprocessor_config.json (CLIP-ViT-H-14's) when the PickScore directory "
+                                            f"lacks them; unset: ${ENV_PICKSCORE_PROCESSOR}, else the PickScore "
+                                            "directory")  # fmt: skip
+    dino_model: str | None = Field(None, description=f"DINOv2 directory (reference fidelity), 'embedded:tiny-dino' "
+                                   f"or 'none' (fidelity then uses CLIP image embeddings); unset: ${ENV_DINO}, else "
+                                   "the tiny one when the generator model is embedded, else none")  # fmt: skip
     scorer_device: Device = "auto"
     scorer_dtype: DType = "auto"
     limits: Limits = Field(default_factory=Limits)
@@ -48,22 +70,38 @@ def _display_name(spec: str) -> str:
     return spec if is_embedded(spec) else Path(spec).name or spec
 
 
+def scorer_specs(args: AppArgs, model: str) -> dict[str, str | None]:
+    """Each scorer's model spec (None: not configured). Unset scorers follow the generator: the
+    tiny embedded ones beside the embedded model, none beside real weights (never random judges of real
+    images)."""
+    embedded = is_embedded(model)
+    clip = resolve_model(args.scorer_model, ENV_SCORER, DEFAULT_SCORER if embedded else "none")
+    pick = resolve_model(args.pickscore_model, ENV_PICKSCORE, DEFAULT_PICKSCORE if embedded else "none")
+    dino = resolve_model(args.dino_model, ENV_DINO, DEFAULT_DINO if embedded else "none")
+    processor = resolve_model(args.pickscore_processor, ENV_PICKSCORE_PROCESSOR, "none")
+    specs = {"clip": clip, "pickscore": pick, "dino": dino}
+    out: dict[str, str | None] = {k: None if is_disabled(v) else v for k, v in specs.items()}
+    out["pickscore_processor"] = None if is_disabled(processor) or out["pickscore"] is None else processor
+    return out
+
+
 def assemble(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> Application:
     """The application graph; `options` overrides Ray deployment options by name (used by tests)."""
     options = options or {}
     model = resolve_model(args.model, ENV_MODEL)
-    scorer_spec = resolve_model(args.scorer_model, ENV_SCORER, DEFAULT_SCORER)
-    scorer_on = scorer_spec.lower() not in DISABLED
+    specs = scorer_specs(args, model)
+    scorer_on = any(specs[k] for k in ("clip", "pickscore", "dino"))  # all 'none': no scorer, no pruning
 
     scorer = None
     if scorer_on:
         sc = Scorer.options(user_config=args.scorer.model_dump(), **options.get("Scorer", {}))
-        scorer = sc.bind(scorer_spec, args.scorer_device, args.scorer_dtype)
+        scorer = sc.bind(specs, args.scorer_device, args.scorer_dtype)
     gen = Generator.options(user_config=args.generator.model_dump(), **options.get("Generator", {}))
     engine = args.engine.model_dump(exclude_none=True)
     generator = gen.bind(model, args.device, args.dtype, scorer, engine)  # scorer handle: preview pruning
     info = {
-        "model": model, "model_name": _display_name(model), "scorer": scorer_spec if scorer_on else None,
+        "model": model, "model_name": _display_name(model), "scorer": specs["clip"] if scorer_on else None,
+        "scorers": {k: specs[k] for k in ("pickscore", "clip", "dino")} if scorer_on else None,
         "limits": args.limits.model_dump(), "defaults": args.defaults.model_dump(),
     }  # fmt: skip
     router = Router.options(user_config=args.router.model_dump(), **options.get("Router", {}))

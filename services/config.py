@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hidream_serve.scoring.settings import ModeWeights, RoleWeights
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -39,12 +41,19 @@ class EngineOptions(_Config):
     fuse: bool | None = Field(None, description="fused q/k/v and gate/up projections")
     compile: bool | None = Field(None, description="torch.compile the decoder layer (GPU; first call per shape "
                                  "compiles)")  # fmt: skip
-    attention: Literal["cudnn", "flash", "flash_gqa"] | None = Field(None, description="SDPA kernel preference")
+    attention: Literal["cudnn", "flash"] | None = Field(None, description="SDPA kernel preference")
 
 
 class ScorerConfig(_Config):
     batch_size: int = Field(16, ge=1, le=1024, description="images per scorer forward")
     torch_threads: int | None = Field(None, ge=1, le=1024)
+    weights: ModeWeights = Field(default_factory=ModeWeights, description="composite weights per mode and scorer "
+                                 "(pickscore, clip, fidelity, sharpness, exposure); unset ones keep the built-in "
+                                 "weights (docs/scoring.md)")  # fmt: skip
+    role_weights: RoleWeights = Field(default_factory=RoleWeights, description="how much a reference of each role "
+                                      "counts in reference fidelity")  # fmt: skip
+    ref_cache_size: int = Field(32, ge=0, le=4096, description="reference embeddings kept between calls (pruning "
+                                "stages of one request score against the same refs)")  # fmt: skip
 
 
 def replica_name() -> str:

@@ -9,7 +9,10 @@ router passes Ray Serve handle calls, tests pass fakes. Rules:
 - a scoring failure (error, timeout, no scorer) never loses candidates: they come back unscored
   with a warning, and the winner is the lowest seed;
 - the winner is the highest score, ties broken by the lowest seed, among candidates that ran every
-  step (a candidate stopped by `prune` keeps its preview score and never wins).
+  step (a candidate stopped by `prune` keeps its preview score and breakdown and never wins);
+- the scorer's composite is relative to the set it is given (z-scores within the request), so a
+  candidate's score means "how much better than its siblings", and the breakdown says why;
+  the scorer's warnings (a scorer not configured or failing) join the response's.
 """
 
 from __future__ import annotations
@@ -53,6 +56,29 @@ class Outcome:
     groups: list[dict]
     scorer: str | None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def score_context(params) -> dict:
+    """What the scorer judges candidates against besides the prompt: the mode, the user's refs (never the
+    layout picture the engine draws) and their roles."""
+    return {"mode": params.mode, "refs": list(params.refs), "roles": list(params.ref_roles)}
+
+
+def normalize_breakdown(b: dict | None) -> dict[str, dict] | None:
+    """A scorer's per-candidate breakdown as {scorer: {raw, z, weight}}; a bare number is a raw score."""
+    if not b:
+        return None
+
+    def num(v):
+        return float(v) if v is not None and math.isfinite(float(v)) else None
+
+    out = {}
+    for k, v in b.items():
+        if isinstance(v, dict):
+            out[k] = {"raw": num(v.get("raw")), "z": num(v.get("z")), "weight": num(v.get("weight"))}
+        else:
+            out[k] = {"raw": num(v), "z": None, "weight": None}
+    return out
 
 
 def split_seeds(seeds: list[int], per_call: int) -> list[list[int]]:
@@ -129,11 +155,10 @@ async def best_of_n(params, seeds: list[int], generate: GenerateFn, score: Score
         group_info.append({"replica": out["replica"], "seeds": g, "queued": max(0.0, wall - busy), "seconds": wall})
         for c in out["candidates"]:
             pruned = c.get("pruned_at_step") is not None
+            preview = normalize_breakdown(c.get("preview_scores")) if pruned else None
             candidates.append(Scored(seed=c["seed"], png=c["png"], replica=out["replica"],
                                      steps_computed=c.get("steps_computed", 0), pruned_at_step=c.get("pruned_at_step"),
-                                     score=c.get("preview_score") if pruned else None,
-                                     scores={"preview": c["preview_score"]} if pruned and c.get("preview_score")
-                                     is not None else None))  # fmt: skip
+                                     score=c.get("preview_score") if pruned else None, scores=preview))  # fmt: skip
     order = {s: i for i, s in enumerate(seeds)}
     candidates.sort(key=lambda c: order[c.seed])
 
@@ -156,7 +181,10 @@ async def best_of_n(params, seeds: list[int], generate: GenerateFn, score: Score
                     bad += 1
                     continue
                 c.score = float(s)
-                c.scores = {k: float(v) for k, v in b.items()} if b else None
+                c.scores = normalize_breakdown(b)
+            for w in res.get("warnings") or []:
+                if w not in warnings:
+                    warnings.append(w)
             if bad:
                 warnings.append(f"{bad} candidate(s) got no finite score and count as unscored")
             scored = bad < len(to_score)

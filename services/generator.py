@@ -22,6 +22,7 @@ from hidream_serve.embedded import model_dir
 from hidream_serve.engine.params import GenerationParams
 
 from .config import GeneratorConfig, pick_device, pick_dtype, replica_name
+from .fanout import score_context
 from .pruning import stage_steps, survivors
 
 log = logging.getLogger("hidream_serve.generator")
@@ -89,8 +90,10 @@ class Generator:
         for c in result.candidates:
             img = c.image if c.image is not None else c.preview
             png = None if img is None else encode_png(img, {**text, "seed": str(c.seed)}, self.config.png_compress_level)
+            preview, preview_breakdown = preview_scores.get(c.seed, (None, None))
             candidates.append({"seed": c.seed, "png": png, "pruned_at_step": c.pruned_at_step,
-                               "steps_computed": c.steps_computed, "preview_score": preview_scores.get(c.seed)})  # fmt: skip
+                               "steps_computed": c.steps_computed, "preview_score": preview,
+                               "preview_scores": preview_breakdown})  # fmt: skip
         return {
             "replica": self.replica, "candidates": candidates, "settings": settings,
             "warnings": list(result.warnings) + warnings,
@@ -100,6 +103,7 @@ class Generator:
     def _pruning_hook(self, params: GenerationParams, meta: dict, preview_scores: dict, warnings: list):
         """Engine step hook: at each stage's step, score the previews (scorer deployment) and keep the best."""
         loop, stages, timeout = meta["loop"], meta["prune"], float(meta.get("score_timeout_s", 120))
+        context = score_context(params)  # previews are judged like final images: same mode, refs and roles
         schedule: dict[int, float] | None = None
 
         def hook(state):
@@ -111,21 +115,28 @@ class Generator:
                 return None
             pngs = [encode_png(state.preview(i), compress_level=1) for i in range(len(state.seeds))]
             try:
-                fut = asyncio.run_coroutine_threadsafe(self._score(params.prompt, pngs), loop)
-                scores = fut.result(timeout)["composite"]
+                fut = asyncio.run_coroutine_threadsafe(self._score(params.prompt, pngs, context), loop)
+                res = fut.result(timeout)
+                scores = [float(s) for s in res["composite"]]
+                if len(scores) != len(pngs):
+                    raise ValueError(f"scorer returned {len(scores)} scores for {len(pngs)} previews")
             except Exception as e:  # noqa: BLE001 - a failed preview score means no pruning, not a failed request
                 log.warning("%s: preview scoring failed: %r", self.replica, e)
                 warnings.append(f"pruning skipped at step {state.step + 1}: preview scoring failed")
                 return None
+            for w in res.get("warnings") or []:
+                if w not in warnings:
+                    warnings.append(w)
+            breakdown = res.get("scores") or [None] * len(scores)
             kept = survivors(scores, state.seeds, keep)
             for i, seed in enumerate(state.seeds):
-                preview_scores[seed] = float(scores[i])
+                preview_scores[seed] = (scores[i], breakdown[i])
             return kept
 
         return hook
 
-    async def _score(self, prompt: str, pngs: list[bytes]) -> dict:
-        return await self.scorer.score.remote(prompt, pngs)
+    async def _score(self, prompt: str, pngs: list[bytes], context: dict) -> dict:
+        return await self.scorer.score.remote(prompt, pngs, context)
 
     def _convert(self, e: Exception):
         torch = self._torch

@@ -36,7 +36,7 @@ from hidream_serve.engine.errors import InvalidInput
 from hidream_serve.engine.params import DEV, FULL, MODES, RECIPES, SCHEDULERS
 
 from .config import RouterConfig
-from .fanout import best_of_n
+from .fanout import best_of_n, score_context
 
 log = logging.getLogger("hidream_serve.router")
 
@@ -101,8 +101,10 @@ class Router:
             async def generate(p, group):
                 return await self.generator.generate.remote(p, group, meta)
 
+            context = score_context(params)
+
             async def score(prompt, pngs):
-                return await self.scorer.score.remote(prompt, pngs)
+                return await self.scorer.score.remote(prompt, pngs, context)
 
             out = await best_of_n(params, seeds, generate, score if self.scorer is not None else None, self.config,
                                   pruning=bool(prune))  # fmt: skip
@@ -145,6 +147,7 @@ class Router:
                       "owned_by": "hidream-serve"}],  # fmt: skip
             "checkpoint": self.info["model"],
             "scorer": self.info["scorer"],
+            "scorers": self.info.get("scorers"),
             "modes": list(MODES),
             "recipes": {name: recipe(r) for name, r in zip(RECIPES, (FULL, DEV))},
             "schedulers": list(SCHEDULERS),

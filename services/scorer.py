@@ -1,6 +1,11 @@
-"""Scorer deployment: scores a whole candidate set (one prompt, N images) in batched forwards.
+"""Scorer deployment: judges a whole candidate set (one prompt, N images, the request's refs) in batched forwards.
 
-CLIP prompt-image alignment from a local directory (CPU or a fraction of a GPU, as configured).
+The composite of `hidream_serve.scoring.composite`: PickScore (human preference), CLIP (prompt
+alignment), reference fidelity (DINOv2, else CLIP image embeddings) for edit/ip/skeleton/layout, and
+the weight-free quality guard, z-scored within the set and weighted per mode (`user_config.weights`).
+Each model loads from a local directory (or an embedded tiny one); one that is not configured or fails
+to load is reported with every score and the others decide. Runs on CPU or a fraction of a GPU, as the
+YAML places it (`scorer_device`, `ray_actor_options.num_gpus`).
 """
 
 from __future__ import annotations
@@ -9,38 +14,63 @@ import asyncio
 import logging
 import threading
 import time
+from pathlib import Path
 
 from ray import serve
 
 from hidream_serve.api.errors import classify
 from hidream_serve.api.images import decode_png
-from hidream_serve.embedded import model_dir
+from hidream_serve.embedded import is_disabled, optional_model_dir
 
 from .config import ScorerConfig, pick_device, pick_dtype, replica_name
 
 log = logging.getLogger("hidream_serve.scorer")
 
+MODEL_KEYS = ("pickscore", "clip", "dino")
+
 
 @serve.deployment(name="Scorer", max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})
 class Scorer:
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, models: dict | str, device: str = "auto", dtype: str = "auto"):
+        """`models`: {"pickscore", "clip", "dino": spec or None, "pickscore_processor": dir or None}; a plain
+        string is a CLIP spec (the single-scorer form)."""
         import torch
 
-        from hidream_serve.scoring.clip import ClipScorer
+        from hidream_serve.scoring.composite import CompositeScorer
 
+        if isinstance(models, str):
+            models = {"clip": models}
+        self.specs = dict(models)
         self.config = ScorerConfig()
         self.device = pick_device(device)
         dt = None if dtype == "auto" else pick_dtype(dtype, self.device)
-        self.path = model_dir(model)
-        self.clip = ClipScorer.from_pretrained(self.path, device=self.device, dtype=dt,
-                                               batch_size=self.config.batch_size)  # fmt: skip
+        dirs, missing = {}, {}
+        for name in MODEL_KEYS:
+            spec = models.get(name)
+            try:
+                dirs[name] = optional_model_dir(spec)
+            except Exception as e:  # noqa: BLE001 - reported with every score; the other scorers still run
+                log.error("scorer %s: %s", name, e)
+                dirs[name], missing[name] = None, f"{type(e).__name__}: {e}"
+        processor = models.get("pickscore_processor")  # a missing one fails PickScore's load, reported as such
+        processor = None if processor is None or is_disabled(processor) else Path(processor).expanduser()
+        t0 = time.perf_counter()
+        self.scorer = CompositeScorer.load(**dirs, pickscore_processor=processor, device=self.device, dtype=dt,
+                                           batch_size=self.config.batch_size)  # fmt: skip
+        self.scorer.unavailable.update(missing)
         self.replica = replica_name()
         self._lock = threading.Lock()
         self._torch = torch
+        log.info("%s loaded scorers %s on %s in %.1fs", self.replica, self.scorer.describe(), self.device,
+                 time.perf_counter() - t0)  # fmt: skip
 
     def reconfigure(self, user_config: dict) -> None:
         self.config = ScorerConfig.model_validate(user_config or {})
-        self.clip.batch_size = self.config.batch_size
+        with self._lock:
+            self.scorer.set_batch_size(self.config.batch_size)
+            self.scorer.weights = self.config.weights
+            self.scorer.role_weights = self.config.role_weights
+            self.scorer.ref_cache_size = self.config.ref_cache_size
         if self.config.torch_threads:
             self._torch.set_num_threads(self.config.torch_threads)
 
@@ -48,19 +78,24 @@ class Scorer:
         return None
 
     async def info(self) -> dict:
-        return {"replica": self.replica, "scorers": [self.clip.name], "checkpoint": str(self.path)}
+        return {"replica": self.replica, "scorers": self.scorer.describe(), "specs": self.specs,
+                "weights": {m: self.scorer.weights_for(m) for m in ("t2i", "edit", "ip", "skeleton", "layout")}}
 
-    async def score(self, prompt: str, images: list[bytes]) -> dict:
+    async def score(self, prompt: str, images: list[bytes], context: dict | None = None) -> dict:
+        """`context`: {"mode", "refs": [PIL images], "roles": [role or None]}; absent: t2i, no refs."""
         try:
-            return await asyncio.to_thread(self._score, prompt, images)
+            return await asyncio.to_thread(self._score, prompt, images, context)
         except Exception as e:
             log.exception("%s: scoring failed", self.replica)
             raise classify(e) from None
 
-    def _score(self, prompt: str, images: list[bytes]) -> dict:
+    def _score(self, prompt: str, images: list[bytes], context: dict | None) -> dict:
+        from hidream_serve.scoring.composite import ScoreContext
+
         t0 = time.perf_counter()
         pil = [decode_png(b) for b in images]
+        ctx = ScoreContext.from_dict(context)
         with self._lock:
-            clip = self.clip.score(prompt, pil)
-        return {"scores": [{"clip": s} for s in clip], "composite": clip, "replica": self.replica,
-                "seconds": time.perf_counter() - t0}  # fmt: skip
+            out = self.scorer.score(prompt, pil, ctx)
+        out.update(replica=self.replica, seconds=time.perf_counter() - t0)
+        return out

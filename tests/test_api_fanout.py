@@ -57,7 +57,7 @@ def test_groups_run_concurrently_and_winner_is_best_score():
     assert [c.seed for c in out.candidates] == [10, 11, 12, 13]
     assert out.winner.seed == 11 and out.winner.score == 5.0 and out.scored
     assert out.timings["generate"] < 0.35  # the two groups overlapped
-    assert out.warnings == ["w"] and out.candidates[0].scores == {"clip": 1.0}
+    assert out.warnings == ["w"] and out.candidates[0].scores == {"clip": {"raw": 1.0, "z": None, "weight": None}}
 
 
 def test_ties_go_to_the_lowest_seed():
@@ -184,5 +184,5 @@ def test_pruned_candidates_keep_preview_scores_and_never_win():
     out = run(best_of_n(PARAMS, [1, 2, 3, 4], generate, score, RouterConfig(seeds_per_call=2)))
     assert scored_sets == [2]  # only the survivors are scored at the end
     pruned = [c for c in out.candidates if c.pruned_at_step is not None]
-    assert [c.seed for c in pruned] == [2, 4] and all(c.score == 99.0 and c.scores == {"preview": 99.0} for c in pruned)
+    assert [c.seed for c in pruned] == [2, 4] and all(c.score == 99.0 and c.scores is None for c in pruned)
     assert out.winner.seed in (1, 3) and out.winner.pruned_at_step is None

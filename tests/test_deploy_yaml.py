@@ -99,6 +99,8 @@ def test_local_yaml_is_the_embedded_two_replica_cpu_default():
     data = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
     app = data["applications"][0]
     assert app["args"]["model"] == "embedded:tiny" and app["args"]["scorer_model"] == "embedded:tiny-clip"
+    assert app["args"]["pickscore_model"] == "embedded:tiny-pickscore"
+    assert app["args"]["dino_model"] == "embedded:tiny-dino"
     assert data["http_options"] == {**data["http_options"], "host": "127.0.0.1", "port": 8000}
     deps = {d["name"]: d for d in app["deployments"]}
     assert deps["Generator"]["num_replicas"] == 2
@@ -173,3 +175,48 @@ def test_engine_options_are_pipeline_arguments():
     for path in FILES:
         engine = yaml.safe_load(path.read_text())["applications"][0]["args"].get("engine", {})
         assert set(engine) <= accepted
+
+
+def test_production_yaml_names_real_scorer_directories_and_weights_for_every_mode():
+    from hidream_serve.engine.params import MODES
+    from hidream_serve.scoring.settings import SCORER_NAMES
+    from services.app import scorer_specs
+
+    args = AppArgs.model_validate(yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+                                  ["applications"][0]["args"])  # fmt: skip
+    specs = scorer_specs(args, args.model)
+    for key in ("clip", "pickscore", "dino"):
+        assert specs[key] and specs[key].startswith("/models/"), specs
+    assert set(args.scorer.weights.model_dump()) == set(MODES)
+    for mode in MODES:
+        w = args.scorer.weights.for_mode(mode)
+        assert set(w) == set(SCORER_NAMES) and w["pickscore"] > 0
+        assert (w["fidelity"] > 0) == (mode != "t2i")
+    assert args.scorer.role_weights.pose == 0 and args.scorer.role_weights.face == 1
+
+
+def test_unset_scorers_follow_the_generator(monkeypatch):
+    """Beside the embedded model the tiny scorers; beside real weights none (never a random judge)."""
+    from services.app import scorer_specs
+
+    for env in ("HIDREAM_PICKSCORE_PATH", "HIDREAM_DINO_PATH", "HIDREAM_SCORER_PATH",
+                "HIDREAM_PICKSCORE_PROCESSOR_PATH"):  # fmt: skip
+        monkeypatch.delenv(env, raising=False)
+    tiny = scorer_specs(AppArgs(), "embedded:tiny")
+    assert tiny == {"clip": "embedded:tiny-clip", "pickscore": "embedded:tiny-pickscore", "dino": "embedded:tiny-dino",
+                    "pickscore_processor": None}  # fmt: skip
+    real = scorer_specs(AppArgs(scorer_model="/m/clip"), "/m/hidream")
+    assert real["pickscore"] is None and real["dino"] is None and real["clip"] == "/m/clip"
+    monkeypatch.setenv("HIDREAM_PICKSCORE_PATH", "/m/pick")
+    assert scorer_specs(AppArgs(dino_model="none"), "/m/hidream")["pickscore"] == "/m/pick"
+    assert scorer_specs(AppArgs(dino_model="none"), "embedded:tiny")["dino"] is None
+
+
+def test_the_walker_catches_misspelt_scorer_weights():
+    data = {"applications": [{"name": "a", "import_path": "services.app:build_app",
+                              "args": {"scorer": {"weights": {"t2i": {"pickscor": 1.0}, "edits": {}},
+                                                  "role_weights": {"faces": 1.0}}},
+                              "deployments": [{"name": "Scorer", "user_config": {"weights": {"ip": {"dino": 1}}}}]}]}
+    bad = check_file(data)
+    for key in ("weights.t2i.pickscor", "weights.edits", "role_weights.faces", "user_config.weights.ip.dino"):
+        assert any(key in b for b in bad), (key, bad)

@@ -204,10 +204,18 @@ class GenerateRequest(_Strict):
 # -- response -----------------------------------------------------------------------------------------
 
 
+class ScoreDetail(BaseModel):
+    raw: float | None = Field(None, description="the scorer's own score (null: non-finite)")
+    z: float | None = Field(None, description="z-score within the scored set (0 if n=1 or all equal)")
+    weight: float | None = Field(None, description="its weight in the composite for this mode")
+
+
 class CandidateOut(BaseModel):
     seed: int
-    score: float | None = Field(None, description="composite score; null when unscored")
-    scores: dict[str, float] | None = Field(None, description="score per scorer")
+    score: float | None = Field(None, description="composite score, sum of weight * z over the scorers; null when "
+                                "unscored; for a pruned candidate, its preview's score among the previews")
+    scores: dict[str, ScoreDetail] | None = Field(None, description="breakdown per scorer (pickscore, clip, "
+                                                  "fidelity, sharpness, exposure)")
     image: str | None = Field(None, description="base64 PNG (with return=all)")
     pruned: bool = Field(False, description="stopped early by `prune`; `image` is then its last preview")
     pruned_at_step: int | None = None

@@ -6,6 +6,10 @@ is CLIP's own, written here in PIL/torch so no torchvision is needed: resize the
 `size.shortest_edge` (bicubic), centre-crop to `crop_size`, scale to [0, 1], normalise with the
 directory's `preprocessor_config.json` mean and std.
 
+`ClipEmbedder` is the shared core (model, tokenizer, preprocessing, batched normalised embeddings);
+`ClipScorer` here and `PickScorer` (pickscore.py) put their own scale on its cosine. `ClipPreprocess` is
+also the DINOv2 preprocessing (`BitImageProcessor` does the same resize, crop and normalisation).
+
 `write_tiny_clip` builds a tiny random CLIP in the same layout (config, safetensors weights, a real
 byte-level BPE CLIP tokenizer, preprocessor config) for tests and the embedded default.
 """
@@ -98,6 +102,9 @@ class ClipPreprocess:
         return torch.stack([self.image(im) for im in images])
 
 
+ImagePreprocess = ClipPreprocess  # the same steps serve DINOv2 (dino.py)
+
+
 def _center_crop(x: np.ndarray, ch: int, cw: int) -> np.ndarray:
     """Centre crop, zero-padding first if the image is smaller than the crop (as transformers does)."""
     h, w = x.shape[:2]
@@ -111,10 +118,13 @@ def _center_crop(x: np.ndarray, ch: int, cw: int) -> np.ndarray:
     return x[top : top + ch, left : left + cw]
 
 
-class ClipScorer:
-    """Batched CLIPScore: `score(prompt, images)` -> one float per image, 100 * cosine similarity."""
+class ClipEmbedder:
+    """The shared CLIP core: a `CLIPModel`, its tokenizer and preprocessing; L2-normalised text and image
+    embeddings in batches. `ClipScorer` (CLIPScore) and `PickScorer` (PickScore) differ only in the scale
+    they put on the cosine; reference fidelity can fall back on `embed_images`."""
 
     name = "clip"
+    default_preprocess: ClipPreprocess | None = None  # used when the directory has no preprocessor_config.json
 
     def __init__(self, model, tokenizer, preprocess: ClipPreprocess, batch_size: int = 16, path: Path | None = None):
         self.model = model
@@ -126,21 +136,39 @@ class ClipScorer:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, batch_size: int = 16) -> ClipScorer:  # fmt: skip
+                        dtype: torch.dtype | None = None, batch_size: int = 16,
+                        processor_dir: str | Path | None = None):  # fmt: skip
+        """Model weights from `directory`; tokenizer and `preprocessor_config.json` from `processor_dir`
+        (default: the same directory; PickScore's processor is CLIP-ViT-H-14's and may live apart)."""
         from transformers import AutoTokenizer, CLIPModel
 
         directory = Path(directory)
+        proc = Path(processor_dir) if processor_dir else directory
         if not (directory / "config.json").is_file():
             raise ScorerLoadError(f"{directory}: no config.json (expected a CLIP model in Hugging Face layout)")
         device = torch.device(device)
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         try:
             model = CLIPModel.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         except Exception as e:
             raise ScorerLoadError(f"{directory}: cannot load CLIP: {type(e).__name__}: {e}") from e
+        # transformers builds an empty tokenizer from config.json alone (every word -> unknown): insist on files
+        if not any((proc / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+            raise ScorerLoadError(f"{proc}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
+                                  "for PickScore, point the processor directory at CLIP-ViT-H-14's files")  # fmt: skip
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(proc), local_files_only=True)
+        except Exception as e:
+            raise ScorerLoadError(f"{proc}: cannot load the CLIP tokenizer: {type(e).__name__}: {e}") from e
+        vocab = int(model.config.text_config.vocab_size)
+        if not 256 < len(tokenizer) <= vocab:
+            raise ScorerLoadError(f"{proc}: the tokenizer has {len(tokenizer)} tokens for a text model of {vocab}")
+        if (proc / "preprocessor_config.json").is_file() or cls.default_preprocess is None:
+            preprocess = ClipPreprocess.from_dir(proc)
+        else:
+            preprocess = cls.default_preprocess
         model = model.to(device).eval().requires_grad_(False)
-        return cls(model, tokenizer, ClipPreprocess.from_dir(directory), batch_size=batch_size, path=directory)
+        return cls(model, tokenizer, preprocess, batch_size=batch_size, path=directory)
 
     @property
     def device(self) -> torch.device:
@@ -161,19 +189,36 @@ class ClipScorer:
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, D) float32 unit vectors, `batch_size` images per forward."""
         chunks = []
         for start in range(0, len(images), self.batch_size):
             pixels = self.preprocess.batch(images[start : start + self.batch_size]).to(self.device, self.dtype)
             out = self.model.vision_model(pixel_values=pixels)
-            chunks.append(torch.nn.functional.normalize(self.model.visual_projection(out.pooler_output).float(), dim=-1))
-        return torch.cat(chunks)
+            emb = self.model.visual_projection(out.pooler_output)
+            chunks.append(torch.nn.functional.normalize(emb.float(), dim=-1))
+        return torch.cat(chunks) if chunks else torch.zeros(0, int(self.model.config.projection_dim))
+
+    def scale(self) -> float:
+        """What the cosine is multiplied by."""
+        return 100.0
+
+    def score_embeddings(self, prompt: str, image_embeds: torch.Tensor) -> list[float]:
+        """Scores of images already embedded with `embed_images` (so fidelity can reuse them)."""
+        if image_embeds.shape[0] == 0:
+            return []
+        text = self.embed_text([prompt])  # (1, D)
+        return (self.scale() * image_embeds.float().cpu() @ text[0].cpu()).tolist()
 
     def score(self, prompt: str, images: Sequence[Image.Image]) -> list[float]:
         if not images:
             return []
-        text = self.embed_text([prompt])  # (1, D)
-        imgs = self.embed_images(images)  # (N, D)
-        return (100.0 * imgs @ text[0]).tolist()
+        return self.score_embeddings(prompt, self.embed_images(images))
+
+
+class ClipScorer(ClipEmbedder):
+    """Batched CLIPScore: `score(prompt, images)` -> one float per image, 100 * cosine similarity."""
+
+    name = "clip"
 
 
 # -- tiny random CLIP ------------------------------------------------------------------------------
@@ -241,8 +286,9 @@ def _tiny_bpe(n_merges: int = 300) -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def write_tiny_clip(out: str | Path, seed: int = 0) -> Path:
-    """A tiny random CLIP in Hugging Face layout: config.json, model.safetensors, tokenizer, preprocessor."""
+def write_tiny_clip(out: str | Path, seed: int = 0, logit_scale_init: float | None = None) -> Path:
+    """A tiny random CLIP in Hugging Face layout: config.json, model.safetensors, tokenizer, preprocessor.
+    `logit_scale_init`: the initial log of the logit scale (CLIP's default when None)."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     out = Path(out)
@@ -255,7 +301,8 @@ def write_tiny_clip(out: str | Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(str(out))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     text_cfg = {**TINY_TEXT, "vocab_size": len(vocab), "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
-    config = CLIPConfig(text_config=text_cfg, vision_config=dict(TINY_VISION), projection_dim=16)
+    extra = {} if logit_scale_init is None else {"logit_scale_init_value": float(logit_scale_init)}
+    config = CLIPConfig(text_config=text_cfg, vision_config=dict(TINY_VISION), projection_dim=16, **extra)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config).eval()

@@ -1,0 +1,35 @@
+"""Early pruning on free previews: at chosen steps, score every active candidate's clean-image prediction
+and let only the best continue. Pure functions here; the generator (services/generator.py) wires them to
+the engine's step hook and the scorer deployment, and `calibrate-pruning` replays them offline.
+
+Pruning is per seed group (one replica's batch): `keep` is applied to each group's active candidates,
+so with equal groups the request keeps the same fraction overall.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def stage_steps(stages: Sequence[dict], num_steps: int) -> dict[int, float]:
+    """{0-based step index after which to prune: keep fraction}. A stage at fraction f fires after step
+    round(f * num_steps) (at least the first, never the last); stages landing on one step keep the
+    smallest fraction."""
+    out: dict[int, float] = {}
+    for s in stages:
+        idx = min(max(1, round(float(s["at"]) * num_steps)), num_steps - 1) - 1
+        if idx < 0:
+            continue
+        out[idx] = min(out.get(idx, 1.0), float(s["keep"]))
+    return out
+
+
+def survivors(scores: Sequence[float | None], seeds: Sequence[int], keep: float) -> list[int] | None:
+    """Batch positions to keep: the best ceil(keep * n) by score (ties: lowest seed); None keeps all."""
+    n = len(scores)
+    k = max(1, math.ceil(keep * n - 1e-9))
+    if k >= n:
+        return None
+    ranked = sorted(range(n), key=lambda i: (-(scores[i] if scores[i] is not None else -math.inf), seeds[i]))
+    return sorted(ranked[:k])
