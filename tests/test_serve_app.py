@@ -10,12 +10,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
 from _images import b64, noise_image, solid_image
+from _serve import running_service
 from PIL import Image
 
 ray = pytest.importorskip("ray")
@@ -29,52 +28,26 @@ LIMITS = {"max_n": 8, "max_steps": 20, "max_pixels": 512 * 512, "max_refs": 4, "
           "max_image_pixels": 1_000_000, "max_prompt_chars": 200}  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from services.app import AppArgs, assemble
+    from services.app import AppArgs
 
-    cache = str(tmp_path_factory.mktemp("hidream-cache"))
-    port = _free_port()
-    env = {"HIDREAM_SERVE_CACHE": cache, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": env})  # fmt: skip
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = AppArgs(
-            model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
-            dino_model="embedded:tiny-dino", device="cpu", limits=LIMITS,
-            defaults={"width": 128, "height": 128, "exact_size": True, "steps": 2},
-            router={"seeds_per_call": 2, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 3,
-                    "max_body_bytes": 2_000_000},
-            generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
-        )  # fmt: skip
-        app = assemble(args, {
-            "Router": {"ray_actor_options": {"num_cpus": 0}},
-            "Generator": {"num_replicas": 2, "max_ongoing_requests": 1, "max_queued_requests": 4,
-                          "ray_actor_options": {"num_cpus": 0.5}},
-            "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
-        })  # fmt: skip
-        serve.run(app, name="hidream", route_prefix="/", blocking=False)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as client:
-            yield client
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    args = AppArgs(
+        model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
+        dino_model="embedded:tiny-dino", device="cpu", limits=LIMITS,
+        defaults={"width": 128, "height": 128, "exact_size": True, "steps": 2},
+        router={"seeds_per_call": 2, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 3,
+                "max_body_bytes": 2_000_000},
+        generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
+    )  # fmt: skip
+    options = {
+        "Router": {"ray_actor_options": {"num_cpus": 0}},
+        "Generator": {"num_replicas": 2, "max_ongoing_requests": 1, "max_queued_requests": 4,
+                      "ray_actor_options": {"num_cpus": 0.5}},
+        "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
+    }  # fmt: skip
+    with running_service(str(tmp_path_factory.mktemp("hidream-cache")), args, options) as client:
+        yield client
 
 
 def gen(client, mode, body, status=200):

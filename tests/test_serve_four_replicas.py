@@ -3,10 +3,8 @@ multi-GPU scaling measurement, which needs a multi-GPU machine)."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
+from _serve import running_service
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -17,49 +15,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 SMALL = {"width": 128, "height": 128, "exact_size": True, "steps": 4}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def four_replicas(tmp_path_factory):
-    from services.app import AppArgs, assemble
+    from services.app import AppArgs
 
-    env = {"HIDREAM_SERVE_CACHE": str(tmp_path_factory.mktemp("cache4")), "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": env})  # fmt: skip
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = AppArgs(
-            model="embedded:tiny", scorer_model="embedded:tiny-clip", device="cpu",
-            defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4},
-            router={"seeds_per_call": 2}, generator={"max_batch": 2, "torch_threads": 1},
-            scorer={"torch_threads": 1},
-        )  # fmt: skip
-        app = assemble(args, {
-            "Router": {"ray_actor_options": {"num_cpus": 0}},
-            "Generator": {"num_replicas": 4, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.5}},
-            "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
-        })  # fmt: skip
-        serve.run(app, name="hidream", route_prefix="/", blocking=False)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, trust_env=False) as client:
-            yield client
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    args = AppArgs(
+        model="embedded:tiny", scorer_model="embedded:tiny-clip", device="cpu",
+        defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4},
+        router={"seeds_per_call": 2}, generator={"max_batch": 2, "torch_threads": 1}, scorer={"torch_threads": 1},
+    )  # fmt: skip
+    options = {
+        "Router": {"ray_actor_options": {"num_cpus": 0}},
+        "Generator": {"num_replicas": 4, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.5}},
+        "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
+    }  # fmt: skip
+    with running_service(str(tmp_path_factory.mktemp("cache4")), args, options, timeout=120) as client:
+        yield client
 
 
 def test_best_of_8_spreads_evenly_over_four_replicas(four_replicas):

@@ -6,7 +6,6 @@ x_next = sigma_next * noise * noise_scale + (1 - sigma_next) * x0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 

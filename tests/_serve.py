@@ -1,0 +1,45 @@
+"""Start the whole application in-process on CPU (Ray + Serve + the embedded tiny models) for HTTP tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_service(cache_dir: str, args, options: dict, timeout: float = 60):
+    """Yield an httpx client on 127.0.0.1 for the app `assemble(args, options)`; shut everything down after."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from services.app import assemble
+
+    port = free_port()
+    env = {"HIDREAM_SERVE_CACHE": cache_dir, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": env})  # fmt: skip
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(assemble(args, options), name="hidream", route_prefix="/", blocking=False)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=timeout, trust_env=False) as client:
+            yield client
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
