@@ -1,0 +1,54 @@
+"""Where a denoising step's GPU time goes: torch.profiler over a few steps of the full-size random model.
+
+    python bench/profile_step.py [--recipe dev|full] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu import FULL_TEXT, FULL_VISION, SIZE, make_pipeline, random_full_model  # noqa: E402
+
+from hidream_serve.engine.params import GenerationParams  # noqa: E402
+from hidream_serve.tiny import config_dict, write_processor_files, write_tokenizer_files  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default="dev", choices=["dev", "full"])
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--attention", default="cudnn", choices=["cudnn", "flash"])
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args()
+    tok = Path("/tmp/hidream-bench-tokenizer")
+    tok.mkdir(parents=True, exist_ok=True)
+    write_tokenizer_files(tok)
+    write_processor_files(tok)
+    import json
+
+    (tok / "config.json").write_text(json.dumps(config_dict(FULL_TEXT, FULL_VISION)))
+    model, _ = random_full_model(torch.device("cuda"))
+    pipe = make_pipeline(model, tok, fuse=True, compile=not args.no_compile, attention=args.attention)
+    steps = 28 if args.recipe == "dev" else 4
+    params = GenerationParams(mode="t2i", prompt="a fox", width=SIZE, height=SIZE, recipe=args.recipe, steps=steps)
+    pipe(params, [1])  # warm-up / compile
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        pipe(params, [1])
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+    print(f"recipe {args.recipe}, {steps} steps, compile {not args.no_compile}, attention {args.attention}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
