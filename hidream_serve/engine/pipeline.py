@@ -219,7 +219,7 @@ class HiDreamPipeline:
         z = torch.cat([initial_noise(sd, cond.height, cond.width, s.noise_scale_start) for sd in seeds]).to(dev, dtype)
         step_gens = [torch.Generator("cpu").manual_seed(sd + 1) for sd in seeds]
         if s.scheduler == "flash":
-            step_gens = [PrefetchedNoise(g, tuple(z.shape[1:]), s.noise_clip_std) for g in step_gens]
+            step_gens = [PrefetchedNoise(g, tuple(z.shape[1:]), s.noise_clip_std, z.device) for g in step_gens]
         sched = make_scheduler(s.scheduler, s.shift)
         sched.set_timesteps(s.steps, list(s.timesteps) if s.timesteps else None)
         timesteps = sched.timesteps

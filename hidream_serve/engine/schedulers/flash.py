@@ -31,9 +31,7 @@ class FlashFlowMatchScheduler(Scheduler):
         sigma = self.sigmas[index]
         sigma_next = self.sigmas[index + 1]
         denoised = sample - model_output * sigma
-        noise = torch.cat(
-            [_candidate_noise(g, sample.shape[1:], noise_clip_std).to(sample.device, non_blocking=True) for g in gens]
-        )
+        noise = torch.cat([_candidate_noise(g, sample.shape[1:], noise_clip_std).to(sample.device) for g in gens])
         return sigma_next * noise * noise_scale + (1.0 - sigma_next) * denoised
 
 
