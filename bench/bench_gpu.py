@@ -24,59 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hidream_serve.engine.checkpoint import LoadedCheckpoint, build_model, load_config_dict, load_tokenizer  # noqa: E402
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
 from hidream_serve.engine.pipeline import HiDreamPipeline  # noqa: E402
-from hidream_serve.engine.vlm_inputs import VisionPreprocessConfig  # noqa: E402
-from hidream_serve.tiny import config_dict, write_processor_files, write_tokenizer_files  # noqa: E402
+from hidream_serve.random_model import make_pipeline, random_full_model, tokenizer_dir  # noqa: E402
 
-FULL_TEXT = dict(
-    hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-    head_dim=128, rope_theta=5000000,
-    rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
-)  # fmt: skip
-FULL_VISION = dict(
-    depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
-    deepstack_visual_indexes=[8, 16, 24],
-)  # fmt: skip
 SIZE = 2048
 PROMPT = (
     "medium shot, eye-level, front view. A woman is seated in an ornate bedroom, illuminated by candlelight, "
     "with a calm and composed expression; cream satin robe with floral embroidery, pearl drop earrings, a carved "
     "wooden headboard, three lit white candles on a nightstand, warm shadows across the room."
 )
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def random_full_model(device: torch.device, dtype=torch.bfloat16):
-    cfg = load_config_dict(config_dict(FULL_TEXT, FULL_VISION))
-    model = build_model(cfg, device, dtype)
-    gen = torch.Generator(device).manual_seed(0)
-    hidden = cfg.text_config.hidden_size
-    state = {}
-    for key, ref in model.state_dict().items():
-        shape = tuple(ref.shape)
-        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-        if key.endswith("bias"):
-            t.mul_(0.02)
-        elif len(shape) == 1:
-            t.mul_(0.05).add_(1.0)
-        elif "embed_tokens" in key or "pos_embed" in key:
-            t.mul_(0.5)
-        elif "final_layer2" in key:
-            t.mul_(0.6 / math.sqrt(hidden))
-        else:
-            t.mul_(1.0 / math.sqrt(math.prod(shape[1:])))
-        state[key] = t.to(dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False), cfg
-
-
-def make_pipeline(model, tok_dir: Path, **options) -> HiDreamPipeline:
-    ck = LoadedCheckpoint(model, load_tokenizer(tok_dir), VisionPreprocessConfig.from_dir(tok_dir), tok_dir)
-    return HiDreamPipeline(ck, **options)
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -180,11 +137,7 @@ def main() -> int:
 
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name(dev)
-    tok_dir = Path("/tmp/hidream-bench-tokenizer")
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    write_tokenizer_files(tok_dir)
-    write_processor_files(tok_dir)
-    (tok_dir / "config.json").write_text(json.dumps(config_dict(FULL_TEXT, FULL_VISION)))
+    tok_dir = tokenizer_dir()
 
     t0 = time.perf_counter()
     model, cfg = random_full_model(dev)

@@ -13,10 +13,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import FULL_TEXT, FULL_VISION, SIZE, make_pipeline, random_full_model  # noqa: E402
+from bench_gpu import SIZE  # noqa: E402
 
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
-from hidream_serve.tiny import config_dict, write_processor_files, write_tokenizer_files  # noqa: E402
+from hidream_serve.random_model import random_full_pipeline  # noqa: E402
 
 
 def main() -> int:
@@ -26,15 +26,7 @@ def main() -> int:
     ap.add_argument("--attention", default="cudnn", choices=["cudnn", "flash"])
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
-    tok = Path("/tmp/hidream-bench-tokenizer")
-    tok.mkdir(parents=True, exist_ok=True)
-    write_tokenizer_files(tok)
-    write_processor_files(tok)
-    import json
-
-    (tok / "config.json").write_text(json.dumps(config_dict(FULL_TEXT, FULL_VISION)))
-    model, _ = random_full_model(torch.device("cuda"))
-    pipe = make_pipeline(model, tok, fuse=True, compile=not args.no_compile, attention=args.attention)
+    pipe = random_full_pipeline("cuda", fuse=True, compile=not args.no_compile, attention=args.attention)
     steps = 28 if args.recipe == "dev" else 4
     params = GenerationParams(mode="t2i", prompt="a fox", width=SIZE, height=SIZE, recipe=args.recipe, steps=steps)
     pipe(params, [1])  # warm-up / compile

@@ -35,14 +35,20 @@ class Generator:
         import torch
 
         from hidream_serve.engine.pipeline import HiDreamPipeline
+        from hidream_serve.random_model import RANDOM_FULL_SPEC, random_full_pipeline
 
         self.config = GeneratorConfig()
         self.device = pick_device(device)
-        self.path = model_dir(model)
         self.spec = model
         t0 = time.perf_counter()
-        self.pipe = HiDreamPipeline.from_pretrained(self.path, device=self.device, dtype=pick_dtype(dtype, self.device),
-                                                    max_batch=self.config.max_batch, **(engine or {}))  # fmt: skip
+        options = dict(max_batch=self.config.max_batch, **(engine or {}))
+        if model == RANDOM_FULL_SPEC:  # benchmarks: the full-size architecture with random weights, no download
+            self.path = model
+            self.pipe = random_full_pipeline(self.device, pick_dtype(dtype, self.device), **options)
+        else:
+            self.path = model_dir(model)
+            self.pipe = HiDreamPipeline.from_pretrained(self.path, device=self.device,
+                                                        dtype=pick_dtype(dtype, self.device), **options)  # fmt: skip
         self.replica = replica_name()
         self._lock = threading.Lock()  # one engine call at a time, whatever max_ongoing_requests says
         self._broken: str | None = None
