@@ -15,7 +15,6 @@ tokens: the target image's 32x32 patches, then every reference's patches. Rope p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -120,7 +119,7 @@ def text_positions(ids: list[int], image_pad: int, image_grids: list[tuple[int, 
     return torch.cat(cols, dim=1), pos
 
 
-def grid_positions(h: int, w: int, offset: int, t_offset: int | None = None) -> torch.Tensor:
+def grid_positions(h: int, w: int, offset: int) -> torch.Tensor:
     """(3, h*w) positions of a one-frame grid in row-major order."""
     rows = torch.arange(h).repeat_interleave(w)
     cols = torch.arange(w).repeat(h)
@@ -238,5 +237,5 @@ def check_reference_image(img: Image.Image, field: str, max_pixels: int = 64_000
         raise InvalidInput(field, "image is empty")
     if img.width * img.height > max_pixels:
         raise InvalidInput(field, f"image has {img.width * img.height} pixels, more than {max_pixels}")
-    if max(img.size) / min(img.size) > 16 or math.isnan(img.width):
+    if max(img.size) / min(img.size) > 16:
         raise InvalidInput(field, f"aspect ratio {img.width}x{img.height} is too extreme (over 16:1)")

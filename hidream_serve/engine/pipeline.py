@@ -101,6 +101,13 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     return list(seeds)
 
 
+def noise_scale_schedule(start: float, end: float, n: int) -> list[float]:
+    """Per-step noise scale of the flash sampler: linear from start to end over the n steps."""
+    if n == 1:
+        return [start]
+    return [start + (end - start) * i / (n - 1) for i in range(n)]
+
+
 def initial_noise(seed: int, height: int, width: int, scale: float) -> torch.Tensor:
     """(1, L, 3072) patchified Gaussian noise, drawn on CPU so it is the same on every device."""
     gen = torch.Generator("cpu").manual_seed(seed + 1)
@@ -224,9 +231,7 @@ class HiDreamPipeline:
         sched.set_timesteps(s.steps, list(s.timesteps) if s.timesteps else None)
         timesteps = sched.timesteps
         n = len(timesteps)
-        noise_scales = [s.noise_scale_start + (s.noise_scale_end - s.noise_scale_start) * i / (n - 1) for i in range(n)]
-        if n == 1:
-            noise_scales = [s.noise_scale_start]
+        noise_scales = noise_scale_schedule(s.noise_scale_start, s.noise_scale_end, n)
 
         active = list(range(len(seeds)))
         results = {sd: Candidate(sd, None) for sd in seeds}
@@ -252,16 +257,11 @@ class HiDreamPipeline:
                 state = StepState(i, n, [seeds[a] for a in active], x0[0], cond.width, cond.height)
                 keep = on_step(state)
                 if keep is not None and i < n - 1:
-                    keep = sorted(set(int(k) for k in keep))
-                    if not keep or keep[0] < 0 or keep[-1] >= len(active):
-                        raise ValueError(f"step hook returned invalid positions {keep} for {len(active)} candidates")
-                    for pos in range(len(active)):
-                        if pos not in keep:
-                            c = results[seeds[active[pos]]]
-                            c.pruned_at_step = i
-                            c.preview = state.preview(pos)
-                    rows = torch.tensor(keep, device=z.device)
-                    z = z.index_select(0, rows)
+                    keep = self._check_keep(keep, len(active))
+                    for pos in sorted(set(range(len(active))) - set(keep)):
+                        pruned = results[seeds[active[pos]]]
+                        pruned.pruned_at_step, pruned.preview = i, state.preview(pos)
+                    z = z.index_select(0, torch.tensor(keep, device=z.device))
                     sched.select(keep)
                     active = [active[k] for k in keep]
 
@@ -269,6 +269,13 @@ class HiDreamPipeline:
         for row, a in enumerate(active):
             results[seeds[a]].image = Image.fromarray(patches_to_uint8(x01[row], cond.height, cond.width))
         return [results[sd] for sd in seeds]
+
+    @staticmethod
+    def _check_keep(keep, n_active: int) -> list[int]:
+        keep = sorted(set(int(k) for k in keep))
+        if not keep or keep[0] < 0 or keep[-1] >= n_active:
+            raise ValueError(f"step hook returned invalid positions {keep} for {n_active} candidates")
+        return keep
 
     def _predict(self, prep: PreparedRequest, z: torch.Tensor, ref, t_in: torch.Tensor, ropes) -> list[torch.Tensor]:
         """Clean-image predictions of every caption for every candidate, in one batched network call."""
