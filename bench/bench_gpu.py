@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
-from hidream_serve.engine.pipeline import HiDreamPipeline  # noqa: E402
+from hidream_serve.engine.pipeline import HiDreamPipeline, _generated_layer  # noqa: E402
 from hidream_serve.random_model import make_pipeline, random_full_model, tokenizer_dir  # noqa: E402
 
 SIZE = 2048
@@ -249,8 +249,7 @@ def check_fast_matches_plain(plain: HiDreamPipeline, dev, tok_dir: Path) -> dict
     torch.cuda.empty_cache()
     a = predict(plain)
     plain.model.fuse_projections(True)
-    plain.layer_fn = torch.compile(lambda layer, x, cos, sin, groups: layer.forward_generated(x, cos, sin, groups),
-                                   dynamic=False)  # fmt: skip
+    plain.layer_fn = torch.compile(_generated_layer, dynamic=False)
     b = predict(plain)
     plain.layer_fn = None
     plain.model.fuse_projections(False)

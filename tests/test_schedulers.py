@@ -98,14 +98,19 @@ def test_trajectory_matches_reference(key: str) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=golden_atol(key))
 
 
+def three_candidates(case: dict, seed: int):
+    """The golden candidate plus two random ones: initial samples, x0 sequences and noise seeds."""
+    z0, x0s = golden_inputs()
+    g = torch.Generator("cpu").manual_seed(seed)
+    zs = [z0] + [7.5 * torch.randn(z0.shape, generator=g) for _ in range(2)]
+    x0_sets = [x0s] + [torch.tanh(torch.randn(x0s.shape, generator=g)) for _ in range(2)]
+    return zs, x0_sets, [seeds_for(case, k) for k in range(3)]
+
+
 @pytest.mark.parametrize("key", ["unipc_50_s3", "unipc_custom", "flow_match_default", "flash_75_20_clip25"])
 def test_batch_candidates_are_independent(key: str) -> None:
     case = CASES[key]
-    z0, x0s = golden_inputs()
-    g = torch.Generator("cpu").manual_seed(99)
-    zs = [z0] + [7.5 * torch.randn(z0.shape, generator=g) for _ in range(2)]
-    x0_sets = [x0s] + [torch.tanh(torch.randn(x0s.shape, generator=g)) for _ in range(2)]
-    seed_sets = [seeds_for(case, k) for k in range(3)]
+    zs, x0_sets, seed_sets = three_candidates(case, 99)
 
     batch_seeds = None if seed_sets[0] is None else [s[0] for s in seed_sets]
     batched = run(case, torch.cat(zs), torch.cat(x0_sets, dim=1), batch_seeds)
@@ -192,11 +197,7 @@ def test_bad_step_inputs() -> None:
 def test_select_prunes_candidates(key: str) -> None:
     """Dropping candidates mid-run leaves the survivors exactly on their solo trajectories."""
     case = CASES[key]
-    z0, x0s = golden_inputs()
-    g = torch.Generator("cpu").manual_seed(5)
-    zs = [z0] + [7.5 * torch.randn(z0.shape, generator=g) for _ in range(2)]
-    x0_sets = [x0s] + [torch.tanh(torch.randn(x0s.shape, generator=g)) for _ in range(2)]
-    seed_sets = [seeds_for(case, k) for k in range(3)]
+    zs, x0_sets, seed_sets = three_candidates(case, 5)
     gens = None if seed_sets[0] is None else [torch.Generator().manual_seed(s[0]) for s in seed_sets]
     keep = [0, 2]
 

@@ -11,7 +11,6 @@ generation only) is skipped and never leaves the disk.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from transformers import AutoTokenizer, Qwen3VLConfig
 from .errors import CheckpointError
 from .network import HiDreamO1
 from .vlm_inputs import VisionPreprocessConfig
-
-log = logging.getLogger(__name__)
 
 UNUSED_PREFIXES = ("lm_head.",)
 WEIGHTS_FILE = "model.safetensors"

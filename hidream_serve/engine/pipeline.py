@@ -9,7 +9,6 @@ seeded the same way (the official pipeline seeds the global RNG with seed + 1 ri
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from .network import PATCH_SIZE, PrefixCache
 from .noise import PrefetchedNoise
 from .params import GenerationParams, SamplerSettings, check_mode_inputs, resolve_sampler
 from .schedulers import make_scheduler
-
-log = logging.getLogger(__name__)
 
 MIN_SIGMA = 0.001
 MAX_SEED = 2**63 - 2
@@ -159,7 +156,6 @@ class HiDreamPipeline:
             raise ValueError(f"attention must be one of {sorted(ATTENTION_ORDERS)}, got {attention!r}")
         self.attention = attention
         self.model = checkpoint.model
-        self.checkpoint_path = checkpoint.path
         self.conditioning = ConditioningBuilder(checkpoint.tokenizer, self.model.config, checkpoint.vision_cfg)
         self.max_batch = max_batch
         self.model.fuse_projections(fuse)

@@ -118,7 +118,19 @@ def _center_crop(x: np.ndarray, ch: int, cw: int) -> np.ndarray:
     return x[top : top + ch, left : left + cw]
 
 
-class ClipEmbedder:
+class ModelHolder:
+    """Device and dtype of a scorer's `self.model`."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+class ClipEmbedder(ModelHolder):
     """The shared CLIP core: a `CLIPModel`, its tokenizer and preprocessing; L2-normalised text and image
     embeddings in batches. `ClipScorer` (CLIPScore) and `PickScorer` (PickScore) differ only in the scale
     they put on the cosine; reference fidelity can fall back on `embed_images`."""
@@ -169,14 +181,6 @@ class ClipEmbedder:
             preprocess = cls.default_preprocess
         model = model.to(device).eval().requires_grad_(False)
         return cls(model, tokenizer, preprocess, batch_size=batch_size, path=directory)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .clip import ImagePreprocess, ScorerLoadError
+from .clip import ImagePreprocess, ModelHolder, ScorerLoadError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DinoEmbedder:
+class DinoEmbedder(ModelHolder):
     """`embed_images(images)` -> (N, D) unit CLS embeddings, `batch_size` images per forward."""
 
     name = "dino"
@@ -58,14 +58,6 @@ class DinoEmbedder:
                                          std=IMAGENET_STD, resample=3)  # fmt: skip
         model = model.to(device).eval().requires_grad_(False)
         return cls(model, preprocess, batch_size=batch_size, path=directory)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
