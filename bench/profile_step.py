@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,7 +41,36 @@ def main() -> int:
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
     print(f"recipe {args.recipe}, {steps} steps, compile {not args.no_compile}, attention {args.attention}")
     print(table)
+    print_gpu_idle(prof)
     return 0
+
+
+def print_gpu_idle(prof, top: int = 12) -> None:
+    """How long the GPU sat idle between kernels/copies over the profiled run, and the largest gaps."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    gpu = sorted(
+        (e["ts"], e["ts"] + e.get("dur", 0), e["name"])
+        for e in events
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "ts" in e
+    )
+    if not gpu:
+        print("no GPU events in the trace")
+        return
+    busy, gaps, end, prev = 0.0, [], gpu[0][0], gpu[0][2]
+    for start, stop, name in gpu:
+        if start > end:
+            gaps.append((start - end, prev, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, prev = stop, name
+    span = end - gpu[0][0]
+    print(f"GPU span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {(span - busy) / 1e3:.1f} ms "
+          f"({100 * (span - busy) / span:.1f}%) in {len(gaps)} gaps")
+    for gap, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  {gap / 1e3:8.3f} ms  after {before[:60]!r}  before {after[:60]!r}")
 
 
 if __name__ == "__main__":

@@ -33,3 +33,19 @@ def test_bf16_compiled_path_runs_and_tracks_float32(tiny_dir):
     p = GenerationParams(mode="t2i", prompt="x", width=256, height=256, exact_size=True, steps=4)
     a, b = _img(fast, p, 1), _img(ref, p, 1)
     assert np.abs(a - b).mean() < 8, np.abs(a - b).mean()
+
+
+def test_pruned_run_on_cuda_matches_cpu(tiny_dir, pipe):
+    """Pruning, previews and the decode (done on the GPU) give the CPU's images."""
+    gpu = HiDreamPipeline.from_pretrained(tiny_dir, device="cuda", dtype=torch.float32)
+    p = GenerationParams(mode="t2i", prompt="a fox", width=128, height=128, exact_size=True, steps=4)
+
+    def keep_first(state):
+        return [0] if state.step == 1 else None
+
+    a = pipe(p, [1, 2], on_step=keep_first).candidates
+    b = gpu(p, [1, 2], on_step=keep_first).candidates
+    assert a[1].pruned_at_step == b[1].pruned_at_step == 1 and b[1].image is None
+    for x, y in ((a[0].image, b[0].image), (a[1].preview, b[1].preview)):
+        diff = np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16))
+        assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())

@@ -138,3 +138,25 @@ def test_invalid_input_pickles():
 
     e = pickle.loads(pickle.dumps(InvalidInput("refs[2]", "bad image")))
     assert isinstance(e, InvalidInput) and e.field == "refs[2]" and e.message == "bad image"
+
+
+def test_compiled_layer_is_not_recompiled_for_each_prompt_length(tiny_dir, pipe):
+    """A service sees prompts of every length: the prefix length is symbolic in the compiled layer,
+    so only the first request compiles (the layer graph and the last-layer graph) and results match eager."""
+    from torch._dynamo.utils import counters
+
+    from hidream_serve.engine.pipeline import HiDreamPipeline
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = HiDreamPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, compile=True)
+    prompts = ["a fox", "a red fox in deep snow", "a red fox sitting in deep snow under a full moon, oil painting"]
+    graphs = []
+    for prompt in prompts:
+        p = GenerationParams(mode="t2i", prompt=prompt, width=64, height=64, exact_size=True, steps=2)
+        got = compiled(p, [3])
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert len(set(got.settings["prefix_tokens"])) == 2  # CFG: caption and uncond prefixes differ too
+        diff = np.abs(arr(got.candidates[0].image) - arr(pipe(p, [3]).candidates[0].image))
+        assert diff.max() <= 1, diff.max()
+    assert graphs[0] == graphs[-1] == 2, graphs

@@ -62,7 +62,15 @@ def to_patches(img: Image.Image) -> torch.Tensor:
 
 
 def patches_to_uint8(x01: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """One image's patches already mapped to [0, 1] -> uint8 array (H, W, 3), rounded like the official decode."""
+    """Patches already mapped to [0, 1], (L, 3072) or (B, L, 3072) -> uint8 array (H, W, 3) or (B, H, W, 3),
+    rounded like the official decode (x * 255, clipped, rounded half to even).
+
+    The arithmetic runs where the tensor is, so a GPU result crosses to the host as bytes, not floats.
+    """
     p = PATCH_SIZE
-    x = x01.float().cpu().reshape(height // p, width // p, 3, p, p).permute(2, 0, 3, 1, 4).reshape(3, height, width)
-    return np.round(np.clip(x.numpy().transpose(1, 2, 0) * 255, 0, 255)).astype(np.uint8)
+    lead = x01.shape[:-2]
+    x = x01.float().reshape(*lead, height // p, width // p, 3, p, p)
+    n = len(lead)
+    x = x.permute(*range(n), n, n + 3, n + 1, n + 4, n + 2)  # (..., H/p, p, W/p, p, 3)
+    x = x.reshape(*lead, height, width, 3)
+    return torch.round(torch.clamp(x * 255, 0, 255)).to(torch.uint8).cpu().numpy()

@@ -208,12 +208,18 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, LayerKV(k, v)
 
-    def forward_generated(self, x, cos, sin, groups: list[tuple[slice, LayerKV]]) -> torch.Tensor:
+    def forward_generated(
+        self, x, cos, sin, groups: list[tuple[slice, LayerKV]], out_tokens: slice | None = None
+    ) -> torch.Tensor:
         """Full attention of generated tokens over their group's prefix and themselves.
 
         x: (N, G, D). Rows in one group share a prefix (one caption); each group is one attention call.
+        `out_tokens`: compute outputs only for these tokens (all tokens still serve as keys and values);
+        for the last layer, whose outputs are read only at the target tokens.
         """
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        if out_tokens is not None:
+            x, q = x[:, out_tokens], q[:, :, out_tokens]  # (N, G', D), (N, H, G', hd)
         outs = []
         for rows, kv in groups:
             n = rows.stop - rows.start
@@ -326,11 +332,12 @@ class HiDreamO1(nn.Module):
         t_tok = m.t_embedder1(t_emb_input)[:, None]  # (N, 1, D)
         x = torch.cat([t_tok.to(self.dtype), m.x_embedder(patches.to(self.dtype))], dim=1)  # (N, G, D)
         cos, sin = rope
+        last = len(lm.layers) - 1
         for i, layer in enumerate(lm.layers):
             groups = [(rows, cache.layers[i]) for rows, cache in prefixes]
+            out_tokens = slice(1, 1 + target_len) if i == last else None  # only the target is read out
             if layer_fn is None:
-                x = layer.forward_generated(x, cos, sin, groups)
+                x = layer.forward_generated(x, cos, sin, groups, out_tokens)
             else:
-                x = layer_fn(layer, x, cos, sin, groups)
-        x = lm.norm(x[:, 1 : 1 + target_len])
-        return m.final_layer2(x)
+                x = layer_fn(layer, x, cos, sin, groups, out_tokens)
+        return m.final_layer2(lm.norm(x))  # (N, L_tgt, 3072)

@@ -13,6 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from .network import PATCH_SIZE
+
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hidream-noise")
 
 
@@ -26,6 +28,20 @@ def draw_noise(gen: torch.Generator, shape: tuple[int, ...], clip_std: float, ou
         limit = clip_std * noise.std().item()
         noise.clamp_(min=-limit, max=limit)
     return noise
+
+
+def _initial_noise_one(seed: int, height: int, width: int, scale: float) -> torch.Tensor:
+    gen = torch.Generator("cpu").manual_seed(seed + 1)
+    noise = scale * torch.randn((1, 3, height, width), generator=gen)
+    p = PATCH_SIZE
+    noise = noise.reshape(1, 3, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+    return noise.reshape(1, (height // p) * (width // p), 3 * p * p)
+
+
+def initial_noise(seeds: list[int], height: int, width: int, scale: float) -> torch.Tensor:
+    """(len(seeds), L, 3072) patchified starting noise, candidate i from a CPU generator seeded with
+    seeds[i] + 1 (the same on every device); candidates are drawn in parallel (torch releases the GIL)."""
+    return torch.cat(list(_POOL.map(lambda sd: _initial_noise_one(sd, height, width, scale), seeds)))
 
 
 class PrefetchedNoise:

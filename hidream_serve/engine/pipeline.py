@@ -22,7 +22,7 @@ from .conditioning import Conditioning, ConditioningBuilder, check_reference_ima
 from .errors import InvalidInput
 from .images import patches_to_uint8
 from .network import PATCH_SIZE, PrefixCache
-from .noise import PrefetchedNoise
+from .noise import PrefetchedNoise, initial_noise
 from .params import GenerationParams, SamplerSettings, check_mode_inputs, resolve_sampler
 from .schedulers import make_scheduler
 
@@ -105,15 +105,6 @@ def noise_scale_schedule(start: float, end: float, n: int) -> list[float]:
     return [start + (end - start) * i / (n - 1) for i in range(n)]
 
 
-def initial_noise(seed: int, height: int, width: int, scale: float) -> torch.Tensor:
-    """(1, L, 3072) patchified Gaussian noise, drawn on CPU so it is the same on every device."""
-    gen = torch.Generator("cpu").manual_seed(seed + 1)
-    noise = scale * torch.randn((1, 3, height, width), generator=gen)
-    p = PATCH_SIZE
-    noise = noise.reshape(1, 3, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
-    return noise.reshape(1, (height // p) * (width // p), 3 * p * p)
-
-
 ATTENTION_ORDERS = {
     "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
     "flash": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
@@ -140,8 +131,8 @@ def attention_backends(device: torch.device, prefer: str = "cudnn"):
         yield
 
 
-def _generated_layer(layer, x, cos, sin, groups):
-    return layer.forward_generated(x, cos, sin, groups)
+def _generated_layer(layer, x, cos, sin, groups, out_tokens=None):
+    return layer.forward_generated(x, cos, sin, groups, out_tokens)
 
 
 class HiDreamPipeline:
@@ -200,6 +191,13 @@ class HiDreamPipeline:
             )
             for c in cond.captions
         ]
+        if self.layer_fn is not None:
+            # The prefix length varies with every prompt: a symbolic size in the compiled layer, so a new
+            # prompt does not recompile it (only image size, refs and batch pick a graph).
+            for cache in prefixes:
+                for kv in cache.layers:
+                    torch._dynamo.mark_dynamic(kv.k, 2)
+                    torch._dynamo.mark_dynamic(kv.v, 2)
         return PreparedRequest(cond, sampler, prefixes, warnings + cond.warnings)
 
     # 4-7. noise, timesteps, denoising loop, decode ------------------------------------------------
@@ -219,7 +217,7 @@ class HiDreamPipeline:
     def denoise(self, prep: PreparedRequest, seeds: list[int], on_step: StepHook | None = None) -> list[Candidate]:
         cond, s = prep.cond, prep.sampler
         dev, dtype = self.device, self.dtype
-        z = torch.cat([initial_noise(sd, cond.height, cond.width, s.noise_scale_start) for sd in seeds]).to(dev, dtype)
+        z = initial_noise(seeds, cond.height, cond.width, s.noise_scale_start).to(dev, dtype)
         step_gens = [torch.Generator("cpu").manual_seed(sd + 1) for sd in seeds]
         if s.scheduler == "flash":
             step_gens = [PrefetchedNoise(g, tuple(z.shape[1:]), s.noise_clip_std, z.device) for g in step_gens]
@@ -234,12 +232,13 @@ class HiDreamPipeline:
         ref = None if cond.ref_patches is None else cond.ref_patches.to(dev, dtype)
         # generated-token rope per caption, (1, G, hd); expanded to the batch in _predict
         ropes = [self.model.gen_rope(c.gen_positions[:, None]) for c in cond.captions]
-        for i, step_t in enumerate(timesteps):
-            t_frac = step_t.float() / 1000.0
-            t_in = (1.0 - t_frac).reshape(1)
-            sigma = t_frac.to(torch.float32).clamp_min(MIN_SIGMA)
+        t_fracs = timesteps.float() / 1000.0
+        # the network's time input for every step, copied once: no host-device sync inside the loop
+        t_ins = (1.0 - t_fracs).to(dev)
+        for i in range(n):
+            sigma = t_fracs[i].clamp_min(MIN_SIGMA)
 
-            x0 = self._predict(prep, z, ref, t_in, ropes)  # list per caption of (B, L, 3072)
+            x0 = self._predict(prep, z, ref, t_ins[i].reshape(1), ropes)  # list per caption of (B, L, 3072)
             v = [(x.to(torch.float32) - z.to(torch.float32)) / sigma for x in x0]
             guided = v[0] if len(v) == 1 else v[1] + s.guidance * (v[0] - v[1])
             z = sched.step(
@@ -261,9 +260,9 @@ class HiDreamPipeline:
                     sched.select(keep)
                     active = [active[k] for k in keep]
 
-        x01 = ((z + 1) / 2).float()
+        pixels = patches_to_uint8(((z + 1) / 2).float(), cond.height, cond.width)  # (B, H, W, 3)
         for row, a in enumerate(active):
-            results[seeds[a]].image = Image.fromarray(patches_to_uint8(x01[row], cond.height, cond.width))
+            results[seeds[a]].image = Image.fromarray(pixels[row])
         return [results[sd] for sd in seeds]
 
     @staticmethod
@@ -282,7 +281,7 @@ class HiDreamPipeline:
         cos = torch.cat([c.expand(B, -1, -1) for c, _ in ropes])  # (n_caps*B, G, hd)
         sin = torch.cat([s.expand(B, -1, -1) for _, s in ropes])
         groups = [(slice(k * B, (k + 1) * B), prep.prefixes[k]) for k in range(n_caps)]
-        t = t_in.to(self.device).expand(n_caps * B)
+        t = t_in.to(self.device).expand(n_caps * B)  # no copy when already there (the loop passes it so)
         with attention_backends(self.device, self.attention):
             x0 = self.model.denoise(t, patches, (cos, sin), groups, prep.cond.target_len, self.layer_fn)
         return [x0[k * B : (k + 1) * B] for k in range(n_caps)]

@@ -104,6 +104,11 @@ def _corrector_weights(rk: torch.Tensor, neg_h: torch.Tensor, b_h: torch.Tensor,
     g1 = p * 1 / b_h
     p = p / neg_h - 1 / 2
     g2 = p * 2 / b_h
-    lhs = torch.tensor([[1.0, 1.0], [rk.item(), 1.0]], dtype=torch.float32, device=device)
-    rhs = torch.tensor([g1.item(), g2.item()], dtype=torch.float32, device=device)
-    return torch.linalg.solve(lhs, rhs)
+    lhs = torch.tensor([[1.0, 1.0], [rk.item(), 1.0]], dtype=torch.float32)
+    rhs = torch.tensor([g1.item(), g2.item()], dtype=torch.float32)
+    if device.type == "cuda":
+        # Same solve on the GPU, but without stalling the host: pinned async copies, and solve_ex skips
+        # the singularity check (a device-to-host read); the system is never singular (rk != 1).
+        lhs, rhs = lhs.pin_memory().to(device, non_blocking=True), rhs.pin_memory().to(device, non_blocking=True)
+        return torch.linalg.solve_ex(lhs, rhs).result
+    return torch.linalg.solve(lhs.to(device), rhs.to(device))

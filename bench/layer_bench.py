@@ -1,0 +1,82 @@
+"""One full-size decoder layer over the generated tokens, at the benchmark's shapes: eager, torch.compile,
+and torch.compile with GEMM autotuning (Triton templates vs cuBLAS, with prologue/epilogue fusion).
+Prints ms per layer and the implied ms per step (x36 layers).
+
+    python bench/layer_bench.py [--autotune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernels import cuda_time  # noqa: E402
+from hidream_serve.engine.checkpoint import load_config_dict  # noqa: E402
+from hidream_serve.engine.network import DecoderLayer, LayerKV  # noqa: E402
+from hidream_serve.engine.pipeline import _generated_layer, attention_backends  # noqa: E402
+from hidream_serve.random_model import FULL_TEXT, FULL_VISION  # noqa: E402
+from hidream_serve.tiny import config_dict  # noqa: E402
+
+# name: (rows per caption, generated tokens, prefix length per caption)
+SHAPES = {
+    "t2i_full": (1, 4097, (320, 21)),
+    "dev_t2i": (1, 4097, (320,)),
+    "skeleton6": (1, 7363, (758, 459)),
+    "bestof4": (4, 4097, (320, 21)),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--autotune", action="store_true")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    cfg = load_config_dict(config_dict(FULL_TEXT, FULL_VISION)).text_config
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = DecoderLayer(cfg).to(dev, torch.bfloat16).eval().requires_grad_(False)
+    for p in layer.parameters():
+        p.data.normal_(0, 0.02)
+    layer.self_attn.fuse(), layer.mlp.fuse()
+    layer.self_attn.use_fused = layer.mlp.use_fused = True
+    hd, kvh = cfg.head_dim, cfg.num_key_value_heads
+    torch._dynamo.config.cache_size_limit = 64
+    variants = {"eager": _generated_layer, "compile": torch.compile(_generated_layer, dynamic=False)}
+    if args.autotune:
+        variants["autotune"] = torch.compile(
+            _generated_layer, dynamic=False, mode="max-autotune-no-cudagraphs",
+        )
+    print("| shape | variant | ms/layer | x36 ms | compile s |")
+    print("|---|---|---|---|---|")
+    for name in args.shapes.split(","):
+        rows, g, prefixes = SHAPES[name]
+        n = rows * len(prefixes)
+        x = torch.randn(n, g, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        cos = torch.randn(n, g, hd, device=dev, dtype=torch.bfloat16)
+        sin = torch.randn(n, g, hd, device=dev, dtype=torch.bfloat16)
+        groups = [
+            (slice(i * rows, (i + 1) * rows),
+             LayerKV(torch.randn(1, kvh, p, hd, device=dev, dtype=torch.bfloat16),
+                     torch.randn(1, kvh, p, hd, device=dev, dtype=torch.bfloat16)))
+            for i, p in enumerate(prefixes)
+        ]  # fmt: skip
+        for vname, fn in variants.items():
+            with attention_backends(dev, "cudnn"), torch.no_grad():
+                t0 = time.perf_counter()
+                fn(layer, x, cos, sin, groups)
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                t = cuda_time(lambda: fn(layer, x, cos, sin, groups), reps=10)
+            print(f"| {name} | {vname} | {t * 1e3:.3f} | {t * 36e3:.1f} | {first:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
