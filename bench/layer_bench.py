@@ -1,5 +1,5 @@
-"""One full-size decoder layer over the generated tokens, at the benchmark's shapes: eager, torch.compile,
-and torch.compile with GEMM autotuning (Triton templates vs cuBLAS, with prologue/epilogue fusion).
+"""One full-size decoder layer over the generated tokens, at the benchmark's shapes: eager, torch.compile
+with static sizes, the pipeline's compiled layer (symbolic sizes), and torch.compile with GEMM autotuning (Triton templates vs cuBLAS, with prologue/epilogue fusion).
 Prints ms per layer and the implied ms per step (x36 layers).
 
     python bench/layer_bench.py [--autotune]
@@ -20,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import cuda_time  # noqa: E402
 from hidream_serve.engine.checkpoint import load_config_dict  # noqa: E402
 from hidream_serve.engine.network import DecoderLayer, LayerKV  # noqa: E402
-from hidream_serve.engine.pipeline import _generated_layer, attention_backends  # noqa: E402
+from hidream_serve.engine.pipeline import CompiledLayer, _generated_layer, attention_backends  # noqa: E402
 from hidream_serve.random_model import FULL_TEXT, FULL_VISION  # noqa: E402
 from hidream_serve.tiny import config_dict  # noqa: E402
 
 # name: (rows per caption, generated tokens, prefix length per caption)
+REPEAT = 6
 SHAPES = {
     "t2i_full": (1, 4097, (320, 21)),
     "dev_t2i": (1, 4097, (320,)),
@@ -48,7 +49,12 @@ def main() -> int:
     layer.self_attn.use_fused = layer.mlp.use_fused = True
     hd, kvh = cfg.head_dim, cfg.num_key_value_heads
     torch._dynamo.config.cache_size_limit = 64
-    variants = {"eager": _generated_layer, "compile": torch.compile(_generated_layer, dynamic=False)}
+    variants = {
+        "eager": _generated_layer,
+        "compile, static sizes": torch.compile(_generated_layer, dynamic=False),
+        "compile, symbolic prefix": CompiledLayer(symbolic_shapes=False),
+        "compile, all sizes symbolic": CompiledLayer(symbolic_shapes=True),
+    }
     if args.autotune:
         variants["autotune"] = torch.compile(
             _generated_layer, dynamic=False, mode="max-autotune-no-cudagraphs",
@@ -62,18 +68,19 @@ def main() -> int:
         cos = torch.randn(n, g, hd, device=dev, dtype=torch.bfloat16)
         sin = torch.randn(n, g, hd, device=dev, dtype=torch.bfloat16)
         groups = [
-            (slice(i * rows, (i + 1) * rows),
-             LayerKV(torch.randn(1, kvh, p, hd, device=dev, dtype=torch.bfloat16),
-                     torch.randn(1, kvh, p, hd, device=dev, dtype=torch.bfloat16)))
-            for i, p in enumerate(prefixes)
+            LayerKV(torch.randn(1, kvh, p, hd, device=dev, dtype=torch.bfloat16),
+                    torch.randn(1, kvh, p, hd, device=dev, dtype=torch.bfloat16))
+            for p in prefixes
         ]  # fmt: skip
         for vname, fn in variants.items():
+            torch._dynamo.reset()  # each variant compiles afresh (they share one function)
             with attention_backends(dev, "cudnn"), torch.no_grad():
                 t0 = time.perf_counter()
                 fn(layer, x, cos, sin, groups)
                 torch.cuda.synchronize()
                 first = time.perf_counter() - t0
-                t = cuda_time(lambda: fn(layer, x, cos, sin, groups), reps=10)
+                # several layers per timing, as in a step: the host runs ahead of the GPU
+                t = cuda_time(lambda: [fn(layer, x, cos, sin, groups) for _ in range(REPEAT)], reps=5) / REPEAT
             print(f"| {name} | {vname} | {t * 1e3:.3f} | {t * 36e3:.1f} | {first:.1f} |", flush=True)
     return 0
 

@@ -42,6 +42,9 @@ class EngineOptions(_Config):
     compile: bool | None = Field(None, description="torch.compile the decoder layer (GPU; first call per shape "
                                  "compiles)")  # fmt: skip
     attention: Literal["cudnn", "flash"] | None = Field(None, description="SDPA kernel preference")
+    warm_up_size: int | None = Field(None, ge=64, le=4096, description="at start, generate once at this edge "
+                                     "size so compilation happens before the replica takes requests (with "
+                                     "compile; the graphs then serve every size)")  # fmt: skip
 
 
 class ScorerConfig(_Config):

@@ -42,6 +42,7 @@ class Generator:
         self.spec = model
         t0 = time.perf_counter()
         options = dict(max_batch=self.config.max_batch, **(engine or {}))
+        warm_up_size = options.pop("warm_up_size", None)
         if model == RANDOM_FULL_SPEC:  # benchmarks: the full-size architecture with random weights, no download
             self.path = model
             self.pipe = random_full_pipeline(self.device, pick_dtype(dtype, self.device), **options)
@@ -55,6 +56,9 @@ class Generator:
         self._torch = torch
         self.scorer = scorer  # scores previews when a request asks for early pruning
         log.info("%s loaded %s on %s in %.1fs", self.replica, self.path, self.device, time.perf_counter() - t0)
+        if warm_up_size:
+            secs = self.pipe.warm_up(warm_up_size, warm_up_size)
+            log.info("%s warmed up at %dx%d in %.1fs", self.replica, warm_up_size, warm_up_size, secs)
 
     def reconfigure(self, user_config: dict) -> None:
         self.config = GeneratorConfig.model_validate(user_config or {})

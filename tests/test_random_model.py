@@ -39,3 +39,33 @@ def test_generator_serves_the_random_spec(tiny_dims):
 
     gen = Generator.func_or_class(random_model.RANDOM_FULL_SPEC, device="cpu", dtype="float32")
     assert gen.path == random_model.RANDOM_FULL_SPEC and gen.pipe.model.dtype == torch.float32
+
+
+@pytest.mark.parametrize("size", [None, 64])
+def test_generator_warms_up_when_configured(tiny_dims, monkeypatch, size):
+    """`engine.warm_up_size` runs the pipeline's warm-up at start and is not passed on as a pipeline option."""
+    pytest.importorskip("ray")
+    from hidream_serve.engine.pipeline import HiDreamPipeline
+    from services.generator import Generator
+
+    calls = []
+    monkeypatch.setattr(HiDreamPipeline, "warm_up", lambda self, w, h: calls.append((w, h)) or 0.0)
+    engine = {"fuse": True} if size is None else {"fuse": True, "warm_up_size": size}
+    Generator.func_or_class(random_model.RANDOM_FULL_SPEC, device="cpu", dtype="float32", engine=engine)
+    assert calls == ([] if size is None else [(64, 64)])
+
+
+def test_warm_up_generates_with_and_without_cfg(tiny_dims, monkeypatch):
+    from hidream_serve.engine.pipeline import HiDreamPipeline
+
+    pipe = random_model.random_full_pipeline("cpu", torch.float32)
+    seen = []
+    original = HiDreamPipeline.__call__
+
+    def spy(self, params, seeds, on_step=None):
+        seen.append((params.recipe, params.width, params.height, len(seeds)))
+        return original(self, params, seeds, on_step)
+
+    monkeypatch.setattr(HiDreamPipeline, "__call__", spy)
+    assert pipe.warm_up(64, 96) > 0
+    assert seen == [("full", 64, 96, 1), ("full", 64, 96, 2), ("dev", 64, 96, 1), ("dev", 64, 96, 2)]

@@ -209,20 +209,23 @@ class DecoderLayer(nn.Module):
         return x, LayerKV(k, v)
 
     def forward_generated(
-        self, x, cos, sin, groups: list[tuple[slice, LayerKV]], out_tokens: slice | None = None
+        self, x, cos, sin, prefixes: list[LayerKV], out_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Full attention of generated tokens over their group's prefix and themselves.
 
-        x: (N, G, D). Rows in one group share a prefix (one caption); each group is one attention call.
-        `out_tokens`: compute outputs only for these tokens (all tokens still serve as keys and values);
-        for the last layer, whose outputs are read only at the target tokens.
+        x: (N, G, D), caption-major: the rows split into len(prefixes) equal groups, group k attending to
+        prefixes[k] (one caption); each group is one attention call.
+        `out_index` (G',): compute outputs only for these token positions (all tokens still serve as keys
+        and values); for the last layer, whose outputs are read only at the target tokens. An index
+        tensor rather than a slice, so its length can stay symbolic in a compiled graph.
         """
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
-        if out_tokens is not None:
-            x, q = x[:, out_tokens], q[:, :, out_tokens]  # (N, G', D), (N, H, G', hd)
+        if out_index is not None:
+            x, q = x.index_select(1, out_index), q.index_select(2, out_index)  # (N, G', D), (N, H, G', hd)
         outs = []
-        for rows, kv in groups:
-            n = rows.stop - rows.start
+        n = x.shape[0] // len(prefixes)  # rows per group (sizes stay symbolic when compiled)
+        for g, kv in enumerate(prefixes):
+            rows = slice(g * n, (g + 1) * n)
             k_all = torch.cat([kv.k.expand(n, -1, -1, -1), k[rows]], dim=2)  # (n, KVH, P+G, hd)
             v_all = torch.cat([kv.v.expand(n, -1, -1, -1), v[rows]], dim=2)
             outs.append(self.self_attn.attend(q[rows], k_all, v_all, causal=False))
@@ -322,7 +325,7 @@ class HiDreamO1(nn.Module):
         t_emb_input: torch.Tensor,  # (N,) flow time t in [0, 1]
         patches: torch.Tensor,  # (N, L_tgt + L_ref, 3072) noisy target patches then clean ref patches
         rope: tuple[torch.Tensor, torch.Tensor],  # from gen_rope: positions of [tms, target, refs]
-        prefixes: list[tuple[slice, PrefixCache]],  # rows of the batch that attend to each prefix
+        prefixes: list[PrefixCache],  # one per caption; the rows split into equal caption-major groups
         target_len: int,
         layer_fn=None,  # optional compiled replacement of DecoderLayer.forward_generated
     ) -> torch.Tensor:
@@ -333,11 +336,12 @@ class HiDreamO1(nn.Module):
         x = torch.cat([t_tok.to(self.dtype), m.x_embedder(patches.to(self.dtype))], dim=1)  # (N, G, D)
         cos, sin = rope
         last = len(lm.layers) - 1
+        target_index = torch.arange(1, 1 + target_len, device=x.device)  # only the target is read out
         for i, layer in enumerate(lm.layers):
-            groups = [(rows, cache.layers[i]) for rows, cache in prefixes]
-            out_tokens = slice(1, 1 + target_len) if i == last else None  # only the target is read out
+            kvs = [cache.layers[i] for cache in prefixes]
+            out_index = target_index if i == last else None
             if layer_fn is None:
-                x = layer.forward_generated(x, cos, sin, groups, out_tokens)
+                x = layer.forward_generated(x, cos, sin, kvs, out_index)
             else:
-                x = layer_fn(layer, x, cos, sin, groups, out_tokens)
+                x = layer_fn(layer, x, cos, sin, kvs, out_index)
         return m.final_layer2(lm.norm(x))  # (N, L_tgt, 3072)

@@ -131,8 +131,34 @@ def attention_backends(device: torch.device, prefer: str = "cudnn"):
         yield
 
 
-def _generated_layer(layer, x, cos, sin, groups, out_tokens=None):
-    return layer.forward_generated(x, cos, sin, groups, out_tokens)
+def _generated_layer(layer, x, cos, sin, prefixes, out_index=None):
+    return layer.forward_generated(x, cos, sin, prefixes, out_index)
+
+
+class CompiledLayer:
+    """`DecoderLayer.forward_generated` through torch.compile. The prefix length (it changes with every
+    prompt) is always a symbolic size; with `symbolic_shapes`, so are the candidates, the generated tokens
+    and the target length, and a service compiles a handful of graphs once (with and without CFG, last layer
+    or not, one candidate or more) instead of one per image size and batch."""
+
+    def __init__(self, symbolic_shapes: bool = True):
+        self.symbolic_shapes = symbolic_shapes
+        # static shapes compile one graph per (batch, tokens): a service sees many over its life
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.fn = torch.compile(_generated_layer, dynamic=False)
+
+    def __call__(self, layer, x, cos, sin, prefixes, out_index=None):
+        mark = torch._dynamo.maybe_mark_dynamic
+        for kv in prefixes:
+            mark(kv.k, 2)
+            mark(kv.v, 2)
+        if self.symbolic_shapes:
+            for t in (x, cos, sin):
+                mark(t, 0)
+                mark(t, 1)
+            if out_index is not None:
+                mark(out_index, 0)
+        return self.fn(layer, x, cos, sin, prefixes, out_index)
 
 
 class HiDreamPipeline:
@@ -152,9 +178,7 @@ class HiDreamPipeline:
         self.model.fuse_projections(fuse)
         self.layer_fn = None
         if compile:
-            # one graph per (batch rows, sequence length): a service sees many shapes over its life
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self.layer_fn = torch.compile(_generated_layer, dynamic=False)
+            self.layer_fn = CompiledLayer()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None, **options):
@@ -167,6 +191,18 @@ class HiDreamPipeline:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    def warm_up(self, width: int, height: int) -> float:
+        """Run each compiled graph once (with and without CFG, one and two candidates) at this size, so
+        that the first requests do not wait for compilation; returns the seconds it took. Other sizes,
+        prompts and ref layouts reuse these graphs (their sizes are symbolic)."""
+        t0 = time.perf_counter()
+        for recipe, steps in (("full", 4), ("dev", None)):  # 4: every UniPC path; dev keeps its fixed schedule
+            for seeds in ([0], [0, 1]):
+                params = GenerationParams(mode="t2i", prompt="warm-up", width=width, height=height, exact_size=True,
+                                          recipe=recipe, steps=steps)  # fmt: skip
+                self(params, seeds)
+        return time.perf_counter() - t0
 
     # 1. check inputs ----------------------------------------------------------------------------
     def check_inputs(self, params: GenerationParams) -> tuple[SamplerSettings, list[str]]:
@@ -191,13 +227,6 @@ class HiDreamPipeline:
             )
             for c in cond.captions
         ]
-        if self.layer_fn is not None:
-            # The prefix length varies with every prompt: a symbolic size in the compiled layer, so a new
-            # prompt does not recompile it (only image size, refs and batch pick a graph).
-            for cache in prefixes:
-                for kv in cache.layers:
-                    torch._dynamo.mark_dynamic(kv.k, 2)
-                    torch._dynamo.mark_dynamic(kv.v, 2)
         return PreparedRequest(cond, sampler, prefixes, warnings + cond.warnings)
 
     # 4-7. noise, timesteps, denoising loop, decode ------------------------------------------------
@@ -280,8 +309,7 @@ class HiDreamPipeline:
         patches = patches.repeat(n_caps, 1, 1)  # (n_caps*B, L+Lr, 3072), caption-major
         cos = torch.cat([c.expand(B, -1, -1) for c, _ in ropes])  # (n_caps*B, G, hd)
         sin = torch.cat([s.expand(B, -1, -1) for _, s in ropes])
-        groups = [(slice(k * B, (k + 1) * B), prep.prefixes[k]) for k in range(n_caps)]
         t = t_in.to(self.device).expand(n_caps * B)  # no copy when already there (the loop passes it so)
         with attention_backends(self.device, self.attention):
-            x0 = self.model.denoise(t, patches, (cos, sin), groups, prep.cond.target_len, self.layer_fn)
+            x0 = self.model.denoise(t, patches, (cos, sin), prep.prefixes, prep.cond.target_len, self.layer_fn)
         return [x0[k * B : (k + 1) * B] for k in range(n_caps)]
