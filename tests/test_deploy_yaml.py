@@ -170,8 +170,10 @@ def test_engine_options_are_pipeline_arguments():
     from hidream_serve.engine.pipeline import HiDreamPipeline
     from services.config import EngineOptions
 
-    accepted = set(inspect.signature(HiDreamPipeline.__init__).parameters)
+    # warm_up_size is the Generator's own (it calls pipeline.warm_up after loading)
+    accepted = set(inspect.signature(HiDreamPipeline.__init__).parameters) | {"warm_up_size"}
     assert set(EngineOptions.model_fields) <= accepted
+    assert hasattr(HiDreamPipeline, "warm_up")
     for path in FILES:
         engine = yaml.safe_load(path.read_text())["applications"][0]["args"].get("engine", {})
         assert set(engine) <= accepted
