@@ -21,7 +21,7 @@ from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .conditioning import Conditioning, ConditioningBuilder, check_reference_image
 from .errors import InvalidInput
 from .images import patches_to_uint8
-from .network import PATCH_SIZE, PrefixCache
+from .network import PrefixCache
 from .noise import PrefetchedNoise, initial_noise
 from .params import GenerationParams, SamplerSettings, check_mode_inputs, resolve_sampler
 from .schedulers import make_scheduler
