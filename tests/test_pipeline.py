@@ -171,3 +171,22 @@ def test_compiled_layer_is_not_recompiled_per_prompt_size_or_batch(tiny_dir, pip
                          exact_size=True, steps=2)  # fmt: skip
     compiled(p, [1])
     assert counters["stats"]["unique_graphs"] == warm
+
+
+def test_compiled_layers_with_different_attention_do_not_share_graphs(tiny_dir):
+    """A compiled graph fixes the SDPA kernel chosen when it was traced, so a pipeline preferring another
+    attention backend must trace its own graphs rather than reuse the first pipeline's."""
+    from torch._dynamo.utils import counters
+
+    from hidream_serve.engine.pipeline import HiDreamPipeline
+
+    torch._dynamo.reset()
+    counters.clear()
+    p = GenerationParams(mode="t2i", prompt="a fox", width=64, height=64, exact_size=True, steps=1)
+    graphs = []
+    for attention in ("cudnn", "flash", "cudnn"):
+        pipe = HiDreamPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, compile=True,
+                                               attention=attention)  # fmt: skip
+        pipe(p, [1])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > graphs[0] and graphs[2] == graphs[1], graphs

@@ -214,3 +214,18 @@ def test_select_prunes_candidates(key: str) -> None:
     for pos, k in enumerate(keep):
         alone = run(case, zs[k], x0_sets[k], seed_sets[k])
         assert torch.equal(z[pos : pos + 1], alone[-1])
+
+
+def test_prefetched_noise_matches_the_generator_and_stops_after_its_draws() -> None:
+    """Prefetched step noise equals drawing from the candidate's generator in order, and nothing is drawn
+    beyond the last step (a draw nobody takes would hold a worker the next request needs)."""
+    from hidream_serve.engine.noise import PrefetchedNoise, draw_noise
+
+    shape = (4, 12)
+    pre = PrefetchedNoise(torch.Generator().manual_seed(7), shape, 2.0, "cpu", draws=2)
+    want = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        assert torch.equal(pre.take(shape, 2.0), draw_noise(want, shape, 2.0))
+    assert pre._next is None
+    with pytest.raises(RuntimeError, match="all prefetched draws"):
+        pre.take(shape, 2.0)

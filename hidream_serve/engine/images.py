@@ -55,10 +55,15 @@ def to_patches(img: Image.Image) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())  # (H, W, 3)
     x = x.permute(2, 0, 1).float() / 255.0
     x = (x - 0.5) / 0.5
-    c, h, w = x.shape
+    return patchify(x[None])[0]
+
+
+def patchify(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/32 * W/32, C*32*32): patches in row-major order, channel-major within a patch."""
+    b, c, h, w = x.shape
     p = PATCH_SIZE
-    x = x.reshape(c, h // p, p, w // p, p).permute(1, 3, 0, 2, 4)  # (H/p, W/p, C, p, p)
-    return x.reshape((h // p) * (w // p), c * p * p)
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
 
 
 def patches_to_uint8(x01: torch.Tensor, height: int, width: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .network import PATCH_SIZE
+from .images import patchify
 
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hidream-noise")
 
@@ -32,10 +32,7 @@ def draw_noise(gen: torch.Generator, shape: tuple[int, ...], clip_std: float, ou
 
 def _initial_noise_one(seed: int, height: int, width: int, scale: float) -> torch.Tensor:
     gen = torch.Generator("cpu").manual_seed(seed + 1)
-    noise = scale * torch.randn((1, 3, height, width), generator=gen)
-    p = PATCH_SIZE
-    noise = noise.reshape(1, 3, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
-    return noise.reshape(1, (height // p) * (width // p), 3 * p * p)
+    return patchify(scale * torch.randn((1, 3, height, width), generator=gen))
 
 
 def initial_noise(seeds: list[int], height: int, width: int, scale: float) -> torch.Tensor:
@@ -45,15 +42,17 @@ def initial_noise(seeds: list[int], height: int, width: int, scale: float) -> to
 
 
 class PrefetchedNoise:
-    """Stands in for a candidate's generator: `take()` returns what `draw_noise` would, in the same order."""
+    """Stands in for a candidate's generator: `take()` returns what `draw_noise` would, in the same order,
+    for at most `draws` takes (no draw is prepared beyond the last)."""
 
-    def __init__(self, gen: torch.Generator, shape: tuple[int, ...], clip_std: float, device: torch.device):
+    def __init__(self, gen: torch.Generator, shape: tuple[int, ...], clip_std: float, device: torch.device, draws: int):
         self.gen, self.shape, self.clip_std, self.device = gen, tuple(shape), clip_std, torch.device(device)
+        self._left = draws  # takes still to come
         self.pinned = self.device.type == "cuda"
         self._bufs = [torch.empty((1, *self.shape), pin_memory=True) for _ in range(2)] if self.pinned else []
         self._copied: list = [None, None]  # CUDA event per buffer: the GPU finished copying out of it
         self._slot = 0
-        self._next: Future = _POOL.submit(self._draw, 0)
+        self._next: Future | None = _POOL.submit(self._draw, 0) if draws > 0 else None
 
     def _draw(self, slot: int) -> torch.Tensor:
         if not self.pinned:
@@ -66,15 +65,18 @@ class PrefetchedNoise:
         """This step's noise on the target device."""
         if tuple(shape) != self.shape or clip_std != self.clip_std:
             raise ValueError(f"prefetched noise is {self.shape} clip {self.clip_std}, asked {tuple(shape)} clip {clip_std}")
+        if self._next is None:
+            raise RuntimeError("all prefetched draws were taken")
         host = self._next.result()
         slot = self._slot
         if self.pinned:
-            noise = host.to(self.device, non_blocking=True)
+            noise = host.to(self.device, non_blocking=True)  # runs on the target device's current stream
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # that stream, whatever the current device is
             self._copied[slot] = event
         else:
             noise = host.to(self.device)
         self._slot = 1 - slot
-        self._next = _POOL.submit(self._draw, self._slot)
+        self._left -= 1
+        self._next = _POOL.submit(self._draw, self._slot) if self._left > 0 else None
         return noise

@@ -131,7 +131,11 @@ def attention_backends(device: torch.device, prefer: str = "cudnn"):
         yield
 
 
-def _generated_layer(layer, x, cos, sin, prefixes, out_index=None):
+def _generated_layer(layer, x, cos, sin, prefixes, out_index=None, attention="cudnn"):
+    # Reading `attention` makes its value part of a compiled graph's guards: a graph fixes the SDPA kernel
+    # chosen while it was traced, so pipelines preferring other kernels must not share it.
+    if attention not in ATTENTION_ORDERS:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION_ORDERS)}, got {attention!r}")
     return layer.forward_generated(x, cos, sin, prefixes, out_index)
 
 
@@ -141,7 +145,8 @@ class CompiledLayer:
     and the target length, and a service compiles a handful of graphs once (with and without CFG, last layer
     or not, one candidate or more) instead of one per image size and batch."""
 
-    def __init__(self, symbolic_shapes: bool = True):
+    def __init__(self, attention: str = "cudnn", symbolic_shapes: bool = True):
+        self.attention = attention
         self.symbolic_shapes = symbolic_shapes
         # static shapes compile one graph per (batch, tokens): a service sees many over its life
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -158,7 +163,7 @@ class CompiledLayer:
                 mark(t, 1)
             if out_index is not None:
                 mark(out_index, 0)
-        return self.fn(layer, x, cos, sin, prefixes, out_index)
+        return self.fn(layer, x, cos, sin, prefixes, out_index, self.attention)
 
 
 class HiDreamPipeline:
@@ -178,7 +183,7 @@ class HiDreamPipeline:
         self.model.fuse_projections(fuse)
         self.layer_fn = None
         if compile:
-            self.layer_fn = CompiledLayer()
+            self.layer_fn = CompiledLayer(attention)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None, **options):
@@ -197,7 +202,7 @@ class HiDreamPipeline:
         that the first requests do not wait for compilation; returns the seconds it took. Other sizes,
         prompts and ref layouts reuse these graphs (their sizes are symbolic)."""
         t0 = time.perf_counter()
-        for recipe, steps in (("full", 4), ("dev", None)):  # 4: every UniPC path; dev keeps its fixed schedule
+        for recipe, steps in (("full", 4), ("dev", 2)):  # full: 4 reaches every UniPC path
             for seeds in ([0], [0, 1]):
                 params = GenerationParams(mode="t2i", prompt="warm-up", width=width, height=height, exact_size=True,
                                           recipe=recipe, steps=steps)  # fmt: skip
@@ -221,12 +226,13 @@ class HiDreamPipeline:
             image_embeds, deepstack = self.model.encode_images(
                 cond.vision.pixel_values.to(self.device), cond.vision.grid_thw.to(self.device)
             )
-        prefixes = [
-            self.model.encode_prefix(
-                c.prefix_ids.to(self.device), c.prefix_positions.to(self.device), image_embeds, deepstack
-            )
-            for c in cond.captions
-        ]
+        with attention_backends(self.device, self.attention):
+            prefixes = [
+                self.model.encode_prefix(
+                    c.prefix_ids.to(self.device), c.prefix_positions.to(self.device), image_embeds, deepstack
+                )
+                for c in cond.captions
+            ]
         return PreparedRequest(cond, sampler, prefixes, warnings + cond.warnings)
 
     # 4-7. noise, timesteps, denoising loop, decode ------------------------------------------------
@@ -247,13 +253,14 @@ class HiDreamPipeline:
         cond, s = prep.cond, prep.sampler
         dev, dtype = self.device, self.dtype
         z = initial_noise(seeds, cond.height, cond.width, s.noise_scale_start).to(dev, dtype)
-        step_gens = [torch.Generator("cpu").manual_seed(sd + 1) for sd in seeds]
-        if s.scheduler == "flash":
-            step_gens = [PrefetchedNoise(g, tuple(z.shape[1:]), s.noise_clip_std, z.device) for g in step_gens]
         sched = make_scheduler(s.scheduler, s.shift)
         sched.set_timesteps(s.steps, list(s.timesteps) if s.timesteps else None)
         timesteps = sched.timesteps
         n = len(timesteps)
+        step_gens = [torch.Generator("cpu").manual_seed(sd + 1) for sd in seeds]
+        if s.scheduler == "flash":  # draws noise at each of its first num_steps steps
+            draws = min(n, sched.num_steps)
+            step_gens = [PrefetchedNoise(g, tuple(z.shape[1:]), s.noise_clip_std, z.device, draws) for g in step_gens]
         noise_scales = noise_scale_schedule(s.noise_scale_start, s.noise_scale_end, n)
 
         active = list(range(len(seeds)))
