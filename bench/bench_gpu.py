@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernels import cuda_time  # noqa: E402
 
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
 from hidream_serve.engine.pipeline import CompiledLayer, HiDreamPipeline  # noqa: E402
@@ -43,18 +46,7 @@ PROMPT = (
 def matmul_ceiling_tflops(device) -> float:
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1000)
-    return 2 * 8192**3 / statistics.median(times) / 1e12
+    return 2 * 8192**3 / cuda_time(lambda: a @ b, reps=10) / 1e12
 
 
 def step_flops(cfg, prefix_lens: list[int], gen_len: int, target_len: int, rows_per_caption: int) -> float:
@@ -148,7 +140,7 @@ def main() -> int:
     print(f"{gpu}: model built in {build_s:.1f}s, weights {weights_gib:.2f} GiB, bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
 
     plain = make_pipeline(model, tok_dir, max_batch=8, fuse=False)
-    parity = check_fast_matches_plain(plain, dev, tok_dir)
+    parity = check_fast_matches_plain(plain, dev)
     fast = make_pipeline(model, tok_dir, max_batch=8, fuse=True, compile=not args.no_compile, attention=args.attention)
 
     per_step_steps = 4 if args.quick else 8
@@ -209,7 +201,7 @@ def main() -> int:
         cases[name]["x_single"] = round(cases[name]["wall_s"] / single, 2)
         cases[name]["x_single_step"] = round(cases[name]["s_per_step"] / cases["t2i_full"]["s_per_step"], 2)
 
-    levers = time_levers(model, tok_dir, base, cfg, ceiling) if args.levers else {}
+    levers = time_levers(model, tok_dir, base) if args.levers else {}
 
     report = {
         "gpu": gpu, "command": command, "torch": torch.__version__, "python": platform.python_version(),
@@ -226,7 +218,7 @@ def set_param_dtype(model, dtype) -> None:
         prm.data = prm.data.to(dtype)
 
 
-def check_fast_matches_plain(plain: HiDreamPipeline, dev, tok_dir: Path) -> dict:
+def check_fast_matches_plain(plain: HiDreamPipeline, dev) -> dict:
     """The fused + compiled bf16 path against the plain bf16 path, both judged against a float32 reference.
 
     "Within bf16 tolerance" means the fast path is no further from float32 than the plain bf16 path is.
@@ -246,12 +238,12 @@ def check_fast_matches_plain(plain: HiDreamPipeline, dev, tok_dir: Path) -> dict
     # float32 reference: upcast the (still unfused) model in place, then back; bf16 -> fp32 -> bf16 is exact
     # (parameters only: the rope buffers stay float32)
     set_param_dtype(plain.model, torch.float32)
-    ref32 = predict(make_pipeline(plain.model, tok_dir, fuse=False))
+    ref32 = predict(plain)
     set_param_dtype(plain.model, torch.bfloat16)
     torch.cuda.empty_cache()
     a = predict(plain)
     plain.model.fuse_projections(True)
-    plain.layer_fn = CompiledLayer()
+    plain.layer_fn = CompiledLayer(plain.attention)
     b = predict(plain)
     plain.layer_fn = None
     plain.model.fuse_projections(False)
@@ -264,7 +256,7 @@ def check_fast_matches_plain(plain: HiDreamPipeline, dev, tok_dir: Path) -> dict
     return out
 
 
-def time_levers(model, tok_dir, base, cfg, ceiling) -> dict:
+def time_levers(model, tok_dir, base) -> dict:
     """t2i_full per-step time with each lever toggled (8 steps each)."""
     out = {}
     params = GenerationParams(**base, mode="t2i", recipe="full", steps=8)

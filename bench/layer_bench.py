@@ -48,7 +48,6 @@ def main() -> int:
     layer.self_attn.fuse(), layer.mlp.fuse()
     layer.self_attn.use_fused = layer.mlp.use_fused = True
     hd, kvh = cfg.head_dim, cfg.num_key_value_heads
-    torch._dynamo.config.cache_size_limit = 64
     variants = {
         "eager": _generated_layer,
         "compile, static sizes": torch.compile(_generated_layer, dynamic=False),

@@ -8,8 +8,6 @@ real cost without downloading 16 GB. The model spec `random:full-size` makes a g
 
 from __future__ import annotations
 
-import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 from .engine.checkpoint import LoadedCheckpoint, build_model, load_config_dict, load_tokenizer
 from .engine.pipeline import HiDreamPipeline
 from .engine.vlm_inputs import VisionPreprocessConfig
-from .tiny import config_dict, write_processor_files, write_tokenizer_files
+from .tiny import config_dict, scale_init, write_processor_files, write_tokenizer_files
 
 RANDOM_FULL_SPEC = "random:full-size"
 
@@ -40,19 +38,8 @@ def random_full_model(device: torch.device, dtype=torch.bfloat16):
     hidden = cfg.text_config.hidden_size
     state = {}
     for key, ref in model.state_dict().items():
-        shape = tuple(ref.shape)
-        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-        if key.endswith("bias"):
-            t.mul_(0.02)
-        elif len(shape) == 1:
-            t.mul_(0.05).add_(1.0)
-        elif "embed_tokens" in key or "pos_embed" in key:
-            t.mul_(0.5)
-        elif "final_layer2" in key:
-            t.mul_(0.6 / math.sqrt(hidden))
-        else:
-            t.mul_(1.0 / math.sqrt(math.prod(shape[1:])))
-        state[key] = t.to(dtype)
+        noise = torch.randn(tuple(ref.shape), generator=gen, device=device, dtype=torch.float32)
+        state[key] = scale_init(key, noise, hidden, bias_std=0.02, norm_std=0.05).to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False), cfg
 
@@ -62,7 +49,6 @@ def tokenizer_dir() -> Path:
     d = Path(tempfile.mkdtemp(prefix="hidream-random-full-"))  # one per process: replicas may share a host
     write_tokenizer_files(d)
     write_processor_files(d)
-    (d / "config.json").write_text(json.dumps(config_dict(FULL_TEXT, FULL_VISION)))
     return d
 
 

@@ -78,6 +78,21 @@ def config_dict(text: dict | None = None, vision: dict | None = None) -> dict:
     }  # fmt: skip
 
 
+def scale_init(key: str, noise: torch.Tensor, hidden: int, bias_std: float = 0.05, norm_std: float = 0.1):
+    """Standard-normal `noise` scaled for the weight named `key`, so activations stay O(1) through the
+    network: small biases, norm scales near 1, embeddings at 0.5, fan-in scaling for linears and convs."""
+    shape = noise.shape
+    if key.endswith("bias"):
+        return bias_std * noise
+    if len(shape) == 1:  # norm scales
+        return 1.0 + norm_std * noise
+    if "embed_tokens" in key or "pos_embed" in key or key == "lm_head.weight":
+        return 0.5 * noise
+    if "final_layer2" in key:
+        return noise * (0.6 / math.sqrt(hidden))
+    return noise / math.sqrt(math.prod(shape[1:]))
+
+
 def random_state_dict(config_json: dict, seed: int) -> dict[str, torch.Tensor]:
     """Random weights for every key of the architecture (plus lm_head), in bfloat16 like the release."""
     from .engine.checkpoint import build_model, load_config_dict
@@ -89,19 +104,7 @@ def random_state_dict(config_json: dict, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for key in sorted(shapes):
-        shape = shapes[key]
-        noise = torch.randn(shape, generator=gen)
-        if key.endswith("bias"):
-            t = 0.05 * noise
-        elif len(shape) == 1:  # norm scales
-            t = 1.0 + 0.1 * noise
-        elif "embed_tokens" in key or "pos_embed" in key or key == "lm_head.weight":
-            t = 0.5 * noise
-        elif "final_layer2" in key:
-            t = noise * (0.6 / math.sqrt(hidden))
-        else:  # linear / conv: unit-variance fan-in scaling keeps activations O(1)
-            fan_in = math.prod(shape[1:])
-            t = noise / math.sqrt(fan_in)
+        t = scale_init(key, torch.randn(shapes[key], generator=gen), hidden)
         t = t.to(torch.bfloat16)
         t[t == 0] = 1e-3  # every weight nonzero
         out[key] = t.contiguous()
