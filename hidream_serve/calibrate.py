@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .scoring.pruning import keep_count, rank_key, survivors
 
 BUILTIN_PROMPTS = (
     "a red fox in fresh snow, golden hour",
@@ -97,7 +98,7 @@ def spearman(a, b) -> float | None:
 
 def winner_index(scores, seeds) -> int:
     """The service's rule: highest score, ties to the lowest seed."""
-    return max(range(len(scores)), key=lambda i: (scores[i], -seeds[i]))
+    return min(range(len(scores)), key=lambda i: rank_key(scores[i], seeds[i]))
 
 
 def _composite(raw_by_seed: dict[int, dict[str, float]], seeds: list[int], weights: dict):
@@ -114,7 +115,6 @@ def calibrate(pipe, scorer, cases: list[Case], seeds: list[int], *, width: int, 
     """Run every case, return {"rows": per-step summary, "cases": per-case detail, "warnings": [...]}."""
     from .engine.params import GenerationParams
     from .scoring.composite import ScoreContext
-    from .scoring.pruning import survivors
 
     warnings: list[str] = []
     detail = []
@@ -183,7 +183,7 @@ def calibrate(pipe, scorer, cases: list[Case], seeds: list[int], *, width: int, 
             row["spearman_by_scorer"][name] = float(np.mean(vals)) if vals else None
         for k in keeps:
             row["survive"][str(k)] = float(np.mean([e["survives"][str(k)] for e in entries]))
-            kept = max(1, math.ceil(k * n - 1e-9))
+            kept = keep_count(k, n)
             row["cost"][str(k)] = ((step + 1) * n + (num_steps - step - 1) * kept) / (num_steps * n)
         rows.append(row)
     return {"rows": rows, "cases": detail, "warnings": warnings, "steps": num_steps, "seeds": n}

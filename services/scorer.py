@@ -14,19 +14,16 @@ import asyncio
 import logging
 import threading
 import time
-from pathlib import Path
 
 from ray import serve
 
 from hidream_serve.api.errors import classify
 from hidream_serve.api.images import decode_png
-from hidream_serve.embedded import is_disabled, optional_model_dir
+from hidream_serve.embedded import optional_model_dir
 
 from .config import ScorerConfig, pick_device, pick_dtype, replica_name
 
 log = logging.getLogger("hidream_serve.scorer")
-
-MODEL_KEYS = ("pickscore", "clip", "dino")
 
 
 @serve.deployment(name="Scorer", max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})
@@ -36,7 +33,7 @@ class Scorer:
         string is a CLIP spec (the single-scorer form)."""
         import torch
 
-        from hidream_serve.scoring.composite import CompositeScorer
+        from hidream_serve.scoring.composite import MODEL_SCORERS, CompositeScorer
 
         if isinstance(models, str):
             models = {"clip": models}
@@ -45,15 +42,20 @@ class Scorer:
         self.device = pick_device(device)
         dt = None if dtype == "auto" else pick_dtype(dtype, self.device)
         dirs, missing = {}, {}
-        for name in MODEL_KEYS:
+        for name in MODEL_SCORERS:
             spec = models.get(name)
             try:
                 dirs[name] = optional_model_dir(spec)
             except Exception as e:  # noqa: BLE001 - reported with every score; the other scorers still run
                 log.error("scorer %s: %s", name, e)
                 dirs[name], missing[name] = None, f"{type(e).__name__}: {e}"
-        processor = models.get("pickscore_processor")  # a missing one fails PickScore's load, reported as such
-        processor = None if processor is None or is_disabled(processor) else Path(processor).expanduser()
+        try:  # resolved as calibrate-pruning does; a missing one leaves PickScore unavailable, reported as such
+            processor = optional_model_dir(models.get("pickscore_processor"))
+        except Exception as e:  # noqa: BLE001
+            processor = None
+            if dirs["pickscore"] is not None:
+                log.error("scorer pickscore: pickscore_processor: %s", e)
+                dirs["pickscore"], missing["pickscore"] = None, f"pickscore_processor: {type(e).__name__}: {e}"
         t0 = time.perf_counter()
         self.scorer = CompositeScorer.load(**dirs, pickscore_processor=processor, device=self.device, dtype=dt,
                                            batch_size=self.config.batch_size)  # fmt: skip

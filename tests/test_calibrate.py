@@ -19,6 +19,19 @@ def test_spearman_and_ranks():
     assert winner_index([1.0, 3.0, 3.0], [7, 9, 8]) == 2  # ties go to the lowest seed, as in the service
 
 
+def test_keep_count_and_ranking_are_the_services():
+    from hidream_serve.scoring.pruning import keep_count, rank_key
+    from services.fanout import Scored, pick_winner
+
+    assert [keep_count(k, 8) for k in (0.01, 0.25, 0.3, 0.5, 1.0)] == [1, 2, 3, 4, 8]
+    assert keep_count(0.28, 25) == 7  # 0.28 * 25 = 7.000000000000001: float noise, not 8
+    assert sorted([(1.0, 5), (None, 1), (3.0, 9), (3.0, 2)], key=lambda p: rank_key(*p)) == [
+        (3.0, 2), (3.0, 9), (1.0, 5), (None, 1)]  # fmt: skip
+    for scores, seeds in (([1.0, 3.0, 3.0], [7, 9, 8]), ([0.5, -1.0, 0.5, 0.2], [4, 1, 3, 2]), ([2.0], [5])):
+        cands = [Scored(seed, b"png", "r", score=sc) for sc, seed in zip(scores, seeds)]
+        assert seeds[winner_index(scores, seeds)] == pick_winner(cands).seed
+
+
 def test_calibrate_pruning_cli_end_to_end_on_the_embedded_tiny_model(tmp_path, monkeypatch, capsys):
     from hidream_serve.cli import main
 

@@ -12,12 +12,12 @@ import torch
 from _images import noise_image, solid_image
 from PIL import Image, ImageFilter
 
-from hidream_serve.scoring.clip import ClipEmbedder, ClipScorer, ImagePreprocess, write_tiny_clip
+from hidream_serve.scoring.clip import ClipEmbedder, ClipScorer, load_image_processor, pixel_values, write_tiny_clip
 from hidream_serve.scoring.composite import CompositeScorer, ScoreContext, combine, zscores
-from hidream_serve.scoring.dino import DinoEmbedder, write_tiny_dino
+from hidream_serve.scoring.dino import DINO_PREPROCESS, IMAGENET_MEAN, IMAGENET_STD, DinoEmbedder, write_tiny_dino
 from hidream_serve.scoring.fidelity import effective_roles, fidelity_scores, ref_weights
 from hidream_serve.scoring.pickscore import CLIP_H_PREPROCESS, PickScorer, write_tiny_pickscore
-from hidream_serve.scoring.quality import exposure, sharpness
+from hidream_serve.scoring.quality import exposure, luma, sharpness
 from hidream_serve.scoring.settings import DEFAULT_MODE_WEIGHTS, SCORER_NAMES, ModeWeights, RoleWeights
 
 
@@ -55,7 +55,7 @@ def test_pickscore_is_logit_scale_times_cosine_as_in_the_model_card(dirs, monkey
         tok = scorer.tokenizer(["a photo of a cat"], padding=True, truncation=True, max_length=77, return_tensors="pt")
         t = m.get_text_features(**tok)
         t = getattr(t, "pooler_output", t)
-        v = m.get_image_features(pixel_values=scorer.preprocess.batch(images))
+        v = m.get_image_features(pixel_values=pixel_values(scorer.preprocess, images))
         v = getattr(v, "pooler_output", v)
         t, v = t / t.norm(dim=-1, keepdim=True), v / v.norm(dim=-1, keepdim=True)
         want = (m.logit_scale.exp() * (t @ v.T))[0]
@@ -74,6 +74,8 @@ def test_pickscore_and_clip_share_one_embedding_core(dirs):
 
 
 def test_pickscore_processor_from_another_directory_and_clip_h_default(dirs, tmp_path):
+    from transformers import CLIPImageProcessorPil
+
     weights = tmp_path / "weights"
     weights.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -83,27 +85,52 @@ def test_pickscore_processor_from_another_directory_and_clip_h_default(dirs, tmp
     proc = tmp_path / "processor"  # tokenizer files only: preprocessing falls back to CLIP-H's 224 crop
     shutil.copytree(dirs["pickscore"], proc, ignore=shutil.ignore_patterns("model.safetensors", "preprocessor*"))
     s = PickScorer.from_pretrained(weights, processor_dir=proc)
-    assert s.preprocess == CLIP_H_PREPROCESS and s.preprocess.image(solid_image(300, 200)).shape == (3, 224, 224)
+    want = CLIPImageProcessorPil(**CLIP_H_PREPROCESS)
+    assert s.preprocess.to_dict() == want.to_dict() and s.preprocess.size == {"shortest_edge": 224}
+    assert pixel_values(s.preprocess, [solid_image(300, 200)])[0].shape == (3, 224, 224)
     with_pre = PickScorer.from_pretrained(weights, processor_dir=dirs["pickscore"])
-    assert with_pre.preprocess.crop_height == 32
+    assert with_pre.preprocess.crop_size["height"] == 32
 
 
 # -- DINOv2 --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("size", [(90, 60), (61, 97), (20, 50), (640, 480)])
-def test_dino_preprocessing_matches_transformers_bit_image_processor(dirs, size):
+def test_dino_preprocessing_matches_transformers_bit_image_processor(dirs, size, tmp_path):
     from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
     cfg = json.loads((dirs["dino"] / "preprocessor_config.json").read_text())
     real = {**cfg, "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}  # dinov2-base's
-    for c in (cfg, real):
+    for i, c in enumerate((cfg, real)):
         hf = BitImageProcessorPil(**{k: v for k, v in c.items() if k != "image_processor_type"})
         img = noise_image(*size, seed=size[1])
         want = np.asarray(hf(images=[img], return_tensors="np")["pixel_values"][0])
-        got = ImagePreprocess.from_dict(c).image(img).numpy()
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "preprocessor_config.json").write_text(json.dumps(c))
+        got = pixel_values(load_image_processor(tmp_path / str(i), BitImageProcessorPil), [img])[0].numpy()
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
-    assert DinoEmbedder.from_pretrained(dirs["dino"]).preprocess == ImagePreprocess.from_dict(cfg)
+    loaded = DinoEmbedder.from_pretrained(dirs["dino"]).preprocess
+    hf = BitImageProcessorPil(**{k: v for k, v in cfg.items() if k != "image_processor_type"})
+    assert isinstance(loaded, BitImageProcessorPil) and loaded.to_dict() == hf.to_dict()
+
+
+def test_dino_preprocessing_defaults_are_imagenet_and_dinov2_base(dirs, tmp_path):
+    from transformers import BitImageProcessorPil
+
+    no_stats = tmp_path / "no_stats"  # a config without mean/std: DINOv2's ImageNet ones, not Bit's CLIP defaults
+    shutil.copytree(dirs["dino"], no_stats)
+    cfg = json.loads((no_stats / "preprocessor_config.json").read_text())
+    (no_stats / "preprocessor_config.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                                   if k not in ("image_mean", "image_std")}))
+    p = DinoEmbedder.from_pretrained(no_stats).preprocess
+    assert tuple(p.image_mean) == IMAGENET_MEAN and tuple(p.image_std) == IMAGENET_STD
+    bare = tmp_path / "bare"  # no preprocessor_config.json at all: facebook/dinov2-base's values
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(dirs["dino"] / name, bare / name)
+    p = DinoEmbedder.from_pretrained(bare).preprocess
+    assert p.to_dict() == BitImageProcessorPil(**DINO_PREPROCESS).to_dict() and p.crop_size["height"] == 224
+    assert tuple(p.image_mean) == IMAGENET_MEAN and p.size == {"shortest_edge": 256}
 
 
 def test_dino_embeds_the_cls_token_in_batches(dirs, monkeypatch):
@@ -116,7 +143,7 @@ def test_dino_embeds_the_cls_token_in_batches(dirs, monkeypatch):
     emb = dino.embed_images(images)
     assert emb.shape == (5, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
     with torch.no_grad():
-        out = dino.model(pixel_values=dino.preprocess.batch(images))
+        out = dino.model(pixel_values=pixel_values(dino.preprocess, images))
     cls = torch.nn.functional.normalize(out.last_hidden_state[:, 0], dim=-1)
     assert torch.allclose(emb, cls, atol=1e-5)
     single = torch.cat([dino.embed_images([im]) for im in images])
@@ -200,6 +227,21 @@ def test_sharpness_drops_with_blur_and_exposure_with_clipping():
     assert math.isfinite(sharpness(big)) and math.isfinite(exposure(big))
 
 
+def test_quality_guard_takes_a_precomputed_luma_and_the_composite_computes_it_once(monkeypatch):
+    from hidream_serve.scoring import composite as composite_mod
+
+    images = [noise_image(16, 16, seed=i).resize((600, 300), Image.NEAREST) for i in range(3)]
+    assert luma(images[0]).shape == (256, 512)  # scaled to 512 on the long side
+    for im in images:
+        y = luma(im)
+        assert sharpness(y) == sharpness(im) and exposure(y) == exposure(im)
+    calls = []
+    monkeypatch.setattr(composite_mod, "luma", lambda im: calls.append(im) or luma(im))
+    raw, _ = CompositeScorer().raw_scores("x", images)
+    assert len(calls) == 3  # one luma per image for both guards
+    assert raw["sharpness"] == [sharpness(im) for im in images] and raw["exposure"] == [exposure(im) for im in images]
+
+
 # -- composite ---------------------------------------------------------------------------------------------------
 
 
@@ -237,6 +279,28 @@ def test_composite_scores_every_scorer_of_the_mode_in_one_pass(composite):
     one = composite.score("a red fox", images[:1])
     assert one["composite"] == [0.0] and all(d["z"] == 0.0 for d in one["scores"][0].values())
     assert composite.score("x", [])["composite"] == []
+
+
+def test_fidelity_falling_back_on_pickscore_reuses_its_image_embeddings(dirs):
+    scorer = CompositeScorer.load(pickscore=dirs["pickscore"])
+    pick = scorer.models["pickscore"]
+    calls = []
+    embed = pick.embed_images
+    pick.embed_images = lambda ims: calls.append(len(ims)) or embed(ims)
+    images, ref = [textured(i) for i in range(3)], textured(0)
+    raw, warnings = scorer.raw_scores("a cat", images, ScoreContext("edit", [ref], [None]))
+    assert calls == [3, 1]  # the candidates once (PickScore and fidelity), then the ref
+    assert any("uses pickscore image embeddings" in w for w in warnings)
+    assert raw["fidelity"][0] == pytest.approx(100.0, abs=1e-3)
+    assert raw["pickscore"] == pytest.approx(PickScorer.from_pretrained(dirs["pickscore"]).score("a cat", images))
+
+
+def test_pickscore_scale_is_read_once_at_load(dirs):
+    scorer = PickScorer.from_pretrained(dirs["pickscore"])
+    before = scorer.scale()
+    with torch.no_grad():
+        scorer.model.logit_scale.fill_(0.0)  # scoring never reads (and so never syncs on) the parameter again
+    assert scorer.scale() == before == pytest.approx(100.0, rel=1e-4)
 
 
 def test_a_missing_or_failing_scorer_is_reported_and_the_rest_decide(dirs):

@@ -1,14 +1,13 @@
 """CLIP prompt-image alignment (CLIPScore-style): 100 * cosine(text embedding, image embedding).
 
-Loads a `transformers` `CLIPModel` and its tokenizer from a local directory in the Hugging Face layout
-(e.g. a snapshot of `openai/clip-vit-large-patch14`); nothing is downloaded. The image preprocessing
-is CLIP's own, written here in PIL/torch so no torchvision is needed: resize the shortest side to
-`size.shortest_edge` (bicubic), centre-crop to `crop_size`, scale to [0, 1], normalise with the
-directory's `preprocessor_config.json` mean and std.
+Loads a `transformers` `CLIPModel`, its tokenizer and its image processor from a local directory in the
+Hugging Face layout (e.g. a snapshot of `openai/clip-vit-large-patch14`); nothing is downloaded. The
+image preprocessing is transformers' own processor for the directory's `preprocessor_config.json`,
+with the PIL backend (`CLIPImageProcessorPil`), so no torchvision is needed.
 
-`ClipEmbedder` is the shared core (model, tokenizer, preprocessing, batched normalised embeddings);
-`ClipScorer` here and `PickScorer` (pickscore.py) put their own scale on its cosine. `ClipPreprocess` is
-also the DINOv2 preprocessing (`BitImageProcessor` does the same resize, crop and normalisation).
+`ClipEmbedder` (alias `ClipScorer`) is the shared core (model, tokenizer, image processor, batched
+normalised embeddings) and CLIPScore itself; `PickScorer` (pickscore.py) puts its own scale on the
+cosine. `load_model`, `load_image_processor` and `embed_batches` are shared with DINOv2 (dino.py).
 
 `write_tiny_clip` builds a tiny random CLIP in the same layout (config, safetensors weights, a real
 byte-level BPE CLIP tokenizer, preprocessor config) for tests and the embedded default.
@@ -17,131 +16,88 @@ byte-level BPE CLIP tokenizer, preprocessor config) for tests and the embedded d
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-log = logging.getLogger(__name__)
-
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_PIL_RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC, 4: Image.BOX, 5: Image.HAMMING}
 
 
 class ScorerLoadError(RuntimeError):
-    """The scorer directory is missing files or does not hold a CLIP model."""
+    """The scorer directory is missing files or does not hold the expected model."""
 
 
-@dataclass(frozen=True)
-class ClipPreprocess:
-    """CLIP image preprocessing as `CLIPImageProcessor` does it, from `preprocessor_config.json`."""
+def load_model(model_cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               what: str = "the model"):  # fmt: skip
+    """`model_cls.from_pretrained(directory)` offline, in `dtype` (default float16 on CUDA, else float32), on
+    `device`, in eval mode without gradients; a missing or unloadable directory -> `ScorerLoadError`."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ScorerLoadError(f"{directory}: no config.json (expected a {what} model in Hugging Face layout)")
+    device = torch.device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    try:
+        model = model_cls.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
+    except Exception as e:
+        raise ScorerLoadError(f"{directory}: cannot load {what}: {type(e).__name__}: {e}") from e
+    return model.to(device).eval().requires_grad_(False)
 
-    shortest_edge: int = 224
-    crop_height: int = 224
-    crop_width: int = 224
-    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    std: tuple[float, float, float] = OPENAI_CLIP_STD
-    resample: int = 3
-    rescale_factor: float = 1 / 255
-    do_resize: bool = True
-    do_center_crop: bool = True
-    do_normalize: bool = True
 
-    @classmethod
-    def from_dict(cls, cfg: dict) -> ClipPreprocess:
-        size = cfg.get("size", 224)
-        if isinstance(size, dict):
-            if "shortest_edge" in size:
-                short = int(size["shortest_edge"])
-            else:  # {"height": h, "width": w}: CLIP checkpoints use squares; take the smaller side
-                short = int(min(size.get("height", 224), size.get("width", 224)))
-        else:
-            short = int(size)
-        crop = cfg.get("crop_size", short)
-        ch, cw = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (int(crop), int(crop))
-        return cls(
-            shortest_edge=short, crop_height=ch, crop_width=cw,
-            mean=tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)), std=tuple(cfg.get("image_std", OPENAI_CLIP_STD)),
-            resample=int(cfg.get("resample", 3)), rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
-            do_resize=bool(cfg.get("do_resize", True)), do_center_crop=bool(cfg.get("do_center_crop", True)),
-            do_normalize=bool(cfg.get("do_normalize", True)),
-        )  # fmt: skip
-
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> ClipPreprocess:
-        path = Path(directory) / "preprocessor_config.json"
-        if not path.is_file():
+def load_image_processor(directory: str | Path, processor_class, defaults: dict | None = None, **overrides):
+    """transformers' image processor for `directory`'s `preprocessor_config.json` with the PIL backend (no
+    torchvision): the class the file names (`AutoImageProcessor`), else `processor_class`; `overrides`
+    replace the file's values. Without the file: `processor_class(**defaults)`, or `ScorerLoadError`."""
+    directory = Path(directory)
+    path = directory / "preprocessor_config.json"
+    if not path.is_file():
+        if defaults is None:
             raise ScorerLoadError(f"{directory}: no preprocessor_config.json")
-        return cls.from_dict(json.loads(path.read_text()))
+        return processor_class(**defaults)
+    try:
+        cfg = json.loads(path.read_text())
+        if "image_processor_type" in cfg or "feature_extractor_type" in cfg:
+            from transformers import AutoImageProcessor
 
-    def image(self, img: Image.Image) -> torch.Tensor:
-        """One PIL image -> (3, crop_h, crop_w) float32."""
-        img = img.convert("RGB")
-        if self.do_resize:
-            w, h = img.size
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
-            size = (new_short, new_long) if w <= h else (new_long, new_short)
-            if size != img.size:
-                img = img.resize(size, resample=_PIL_RESAMPLE.get(self.resample, Image.BICUBIC))
-        x = np.asarray(img, dtype=np.float32)  # (H, W, 3)
-        if self.do_center_crop:
-            x = _center_crop(x, self.crop_height, self.crop_width)
-        x = x * self.rescale_factor
-        if self.do_normalize:
-            x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-
-    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.image(im) for im in images])
+            return AutoImageProcessor.from_pretrained(str(directory), local_files_only=True, backend="pil",
+                                                      **overrides)  # fmt: skip
+        return processor_class.from_pretrained(str(directory), local_files_only=True, **overrides)
+    except Exception as e:
+        raise ScorerLoadError(f"{directory}: cannot load the image processor: {type(e).__name__}: {e}") from e
 
 
-ImagePreprocess = ClipPreprocess  # the same steps serve DINOv2 (dino.py)
+def pixel_values(processor, images: Sequence[Image.Image]) -> torch.Tensor:
+    """(N, 3, H, W) float32 model input of PIL images (converted to RGB first, alpha dropped)."""
+    rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+    return processor(images=rgb, return_tensors="pt")["pixel_values"]
 
 
-def _center_crop(x: np.ndarray, ch: int, cw: int) -> np.ndarray:
-    """Centre crop, zero-padding first if the image is smaller than the crop (as transformers does)."""
-    h, w = x.shape[:2]
-    if h < ch or w < cw:
-        ph, pw = max(ch, h), max(cw, w)
-        padded = np.zeros((ph, pw, x.shape[2]), dtype=x.dtype)
-        top, left = (ph - h) // 2, (pw - w) // 2
-        padded[top : top + h, left : left + w] = x
-        x, h, w = padded, ph, pw
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return x[top : top + ch, left : left + cw]
+@torch.no_grad()
+def embed_batches(model, processor, images: Sequence[Image.Image], batch_size: int,
+                  features: Callable[[torch.Tensor], torch.Tensor], dim: int) -> torch.Tensor:  # fmt: skip
+    """(N, dim) float32 unit vectors: `features(pixels)` of `batch_size` images per forward, L2-normalised."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = pixel_values(processor, images[start : start + batch_size]).to(model.device, model.dtype)
+        chunks.append(torch.nn.functional.normalize(features(pixels).float(), dim=-1))
+    return torch.cat(chunks) if chunks else torch.zeros(0, dim)
 
 
-class ModelHolder:
-    """Device and dtype of a scorer's `self.model`."""
+class ClipEmbedder:
+    """The shared CLIP core: a `CLIPModel`, its tokenizer and image processor; L2-normalised text and image
+    embeddings in batches; CLIPScore (100 * cosine). `PickScorer` (PickScore) differs only in the scale it
+    puts on the cosine; reference fidelity can fall back on `embed_images`."""
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    # `CLIPImageProcessorPil` constructor kwargs used when the processor directory has no preprocessor_config.json
+    default_preprocess: dict | None = None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-
-class ClipEmbedder(ModelHolder):
-    """The shared CLIP core: a `CLIPModel`, its tokenizer and preprocessing; L2-normalised text and image
-    embeddings in batches. `ClipScorer` (CLIPScore) and `PickScorer` (PickScore) differ only in the scale
-    they put on the cosine; reference fidelity can fall back on `embed_images`."""
-
-    name = "clip"
-    default_preprocess: ClipPreprocess | None = None  # used when the directory has no preprocessor_config.json
-
-    def __init__(self, model, tokenizer, preprocess: ClipPreprocess, batch_size: int = 16, path: Path | None = None):
+    def __init__(self, model, tokenizer, preprocess, batch_size: int = 16, path: Path | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.preprocess = preprocess
+        self.preprocess = preprocess  # a transformers image processor
         self.batch_size = batch_size
         self.path = path
         self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
@@ -152,18 +108,11 @@ class ClipEmbedder(ModelHolder):
                         processor_dir: str | Path | None = None):  # fmt: skip
         """Model weights from `directory`; tokenizer and `preprocessor_config.json` from `processor_dir`
         (default: the same directory; PickScore's processor is CLIP-ViT-H-14's and may live apart)."""
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
         directory = Path(directory)
         proc = Path(processor_dir) if processor_dir else directory
-        if not (directory / "config.json").is_file():
-            raise ScorerLoadError(f"{directory}: no config.json (expected a CLIP model in Hugging Face layout)")
-        device = torch.device(device)
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        try:
-            model = CLIPModel.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
-        except Exception as e:
-            raise ScorerLoadError(f"{directory}: cannot load CLIP: {type(e).__name__}: {e}") from e
+        model = load_model(CLIPModel, directory, device, dtype, what="CLIP")
         # transformers builds an empty tokenizer from config.json alone (every word -> unknown): insist on files
         if not any((proc / f).is_file() for f in ("tokenizer.json", "vocab.json")):
             raise ScorerLoadError(f"{proc}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
@@ -175,32 +124,23 @@ class ClipEmbedder(ModelHolder):
         vocab = int(model.config.text_config.vocab_size)
         if not 256 < len(tokenizer) <= vocab:
             raise ScorerLoadError(f"{proc}: the tokenizer has {len(tokenizer)} tokens for a text model of {vocab}")
-        if (proc / "preprocessor_config.json").is_file() or cls.default_preprocess is None:
-            preprocess = ClipPreprocess.from_dir(proc)
-        else:
-            preprocess = cls.default_preprocess
-        model = model.to(device).eval().requires_grad_(False)
+        preprocess = load_image_processor(proc, CLIPImageProcessorPil, cls.default_preprocess)
         return cls(model, tokenizer, preprocess, batch_size=batch_size, path=directory)
 
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> torch.Tensor:
         tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_text_tokens,
                              return_tensors="pt")  # fmt: skip
-        out = self.model.text_model(input_ids=tok["input_ids"].to(self.device),
-                                    attention_mask=tok["attention_mask"].to(self.device))  # fmt: skip
-        emb = self.model.text_projection(out.pooler_output)
-        return torch.nn.functional.normalize(emb.float(), dim=-1)
+        device = self.model.device
+        out = self.model.get_text_features(input_ids=tok["input_ids"].to(device),
+                                           attention_mask=tok["attention_mask"].to(device))  # fmt: skip
+        return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)  # pooler_output: projected
 
-    @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) float32 unit vectors, `batch_size` images per forward."""
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = self.preprocess.batch(images[start : start + self.batch_size]).to(self.device, self.dtype)
-            out = self.model.vision_model(pixel_values=pixels)
-            emb = self.model.visual_projection(out.pooler_output)
-            chunks.append(torch.nn.functional.normalize(emb.float(), dim=-1))
-        return torch.cat(chunks) if chunks else torch.zeros(0, int(self.model.config.projection_dim))
+        return embed_batches(self.model, self.preprocess, images, self.batch_size,
+                             lambda px: self.model.get_image_features(pixel_values=px).pooler_output,
+                             int(self.model.config.projection_dim))  # fmt: skip
 
     def scale(self) -> float:
         """What the cosine is multiplied by."""
@@ -219,11 +159,7 @@ class ClipEmbedder(ModelHolder):
         return self.score_embeddings(prompt, self.embed_images(images))
 
 
-class ClipScorer(ClipEmbedder):
-    """Batched CLIPScore: `score(prompt, images)` -> one float per image, 100 * cosine similarity."""
-
-    name = "clip"
-
+ClipScorer = ClipEmbedder  # batched CLIPScore: `score(prompt, images)` -> 100 * cosine per image
 
 # -- tiny random CLIP ------------------------------------------------------------------------------
 

@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 
 from .fidelity import fidelity_scores, ref_weights
-from .quality import exposure, sharpness
+from .quality import exposure, luma, sharpness
 from .settings import SCORER_NAMES, ModeWeights, RoleWeights
 
 log = logging.getLogger(__name__)
 
-MODEL_SCORERS = ("pickscore", "clip", "dino")
+MODEL_SCORERS = ("pickscore", "clip", "dino")  # the scorers that load a model (dino: fidelity's)
 _STD_EPS = 1e-6
 
 
@@ -90,7 +90,7 @@ class CompositeScorer:
     def __init__(self, pickscore=None, clip=None, dino=None, unavailable: Mapping[str, str] | None = None,
                  weights: ModeWeights | None = None, role_weights: RoleWeights | None = None,
                  ref_cache_size: int = 32):  # fmt: skip
-        self.models = {"pickscore": pickscore, "clip": clip, "dino": dino}
+        self.models = dict(zip(MODEL_SCORERS, (pickscore, clip, dino)))
         self.unavailable = dict(unavailable or {})
         for name, m in self.models.items():
             if m is None:
@@ -117,7 +117,7 @@ class CompositeScorer:
             "dino": lambda p: DinoEmbedder.from_pretrained(p, device, dtype, batch_size),
         }
         models, unavailable = {}, {}
-        for name, path in (("pickscore", pickscore), ("clip", clip), ("dino", dino)):
+        for name, path in zip(MODEL_SCORERS, (pickscore, clip, dino)):
             if path is None:
                 continue
             try:
@@ -189,41 +189,40 @@ class CompositeScorer:
                 warnings.append(f"{what} ({name}) failed ({_short(e)}); the other scorers decide")
                 return None
 
-        pick, clip = self.models["pickscore"], self.models["clip"]
-        if weights.get("pickscore", 0) > 0:
-            if pick is None:
-                warnings.append(self._missing("pickscore", "human preference"))
-            else:
-                vals = run("pickscore", "human preference", lambda: pick.score(prompt, images))
-                if vals is not None:
-                    raw["pickscore"] = vals
-
-        clip_emb = None
-        if weights.get("clip", 0) > 0:
-            if clip is None:
-                warnings.append(self._missing("clip", "prompt alignment"))
-            else:
-                clip_emb = run("clip", "prompt alignment", lambda: clip.embed_images(images))
-                vals = None if clip_emb is None else run("clip", "prompt alignment",
-                                                         lambda: clip.score_embeddings(prompt, clip_emb))  # fmt: skip
-                if vals is not None:
-                    raw["clip"] = vals
+        # PickScore and CLIP: images embedded once; reference fidelity reuses them if it falls back on that model
+        embedded: dict[str, torch.Tensor] = {}
+        for name, what in (("pickscore", "human preference"), ("clip", "prompt alignment")):
+            if weights.get(name, 0) <= 0:
+                continue
+            model = self.models[name]
+            if model is None:
+                warnings.append(self._missing(name, what))
+                continue
+            emb = run(name, what, lambda: model.embed_images(images))
+            if emb is None:
+                continue
+            embedded[name] = emb
+            vals = run(name, what, lambda: model.score_embeddings(prompt, emb))
+            if vals is not None:
+                raw[name] = vals
 
         if weights.get("fidelity", 0) > 0 and ctx.refs:
             rw = ref_weights(ctx.mode, ctx.roles, len(ctx.refs), self.role_weights.model_dump())
             counted = [i for i, w in enumerate(rw) if w > 0]
             if counted:
-                vals = self._fidelity(images, ctx, rw, counted, clip_emb, warnings, run)
+                vals = self._fidelity(images, ctx, rw, counted, embedded, warnings, run)
                 if vals is not None:
                     raw["fidelity"] = vals
 
-        if weights.get("sharpness", 0) > 0:
-            raw["sharpness"] = [sharpness(im) for im in images]
-        if weights.get("exposure", 0) > 0:
-            raw["exposure"] = [exposure(im) for im in images]
+        quality = [(name, fn) for name, fn in (("sharpness", sharpness), ("exposure", exposure))
+                   if weights.get(name, 0) > 0]  # fmt: skip
+        if quality:
+            lumas = [luma(im) for im in images]  # once per image for both
+            for name, fn in quality:
+                raw[name] = [fn(y) for y in lumas]
         return raw, warnings
 
-    def _fidelity(self, images, ctx: ScoreContext, rw, counted, clip_emb, warnings, run):
+    def _fidelity(self, images, ctx: ScoreContext, rw, counted, embedded: Mapping[str, torch.Tensor], warnings, run):
         backends = [(n, self.models[n]) for n in ("dino", "clip", "pickscore") if self.models[n] is not None]
         if not backends:
             warnings.append("reference fidelity is unavailable: no DINOv2 or CLIP model is configured; "
@@ -236,7 +235,7 @@ class CompositeScorer:
             warnings.append(f"reference fidelity uses {name} image embeddings ({note})")
 
         def compute():
-            cand = clip_emb if name == "clip" and clip_emb is not None else backend.embed_images(images)
+            cand = embedded[name] if name in embedded else backend.embed_images(images)
             refs = self._ref_embeddings(name, backend, [ctx.refs[i] for i in counted])
             return fidelity_scores(cand, refs, [rw[i] for i in counted])
 

@@ -50,7 +50,7 @@ def ref_weights(mode: str, roles: Sequence[str | None], n_refs: int,
     table = {**DEFAULT_ROLE_WEIGHTS, **(role_weights or {})}
     if mode not in FIDELITY_MODES:
         return [0.0] * n_refs
-    return [float(table.get(r, 0.0)) if r is not None else 0.0 for r in effective_roles(mode, roles, n_refs)]
+    return [float(table.get(r, 0.0)) for r in effective_roles(mode, roles, n_refs)]  # every role is set here
 
 
 def fidelity_scores(candidates: torch.Tensor, refs: torch.Tensor, weights: Sequence[float]) -> list[float] | None:

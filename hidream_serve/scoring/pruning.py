@@ -25,11 +25,22 @@ def stage_steps(stages: Sequence[dict], num_steps: int) -> dict[int, float]:
     return out
 
 
+def keep_count(keep: float, n: int) -> int:
+    """How many of `n` candidates a `keep` fraction keeps: ceil(keep * n) (float noise aside), at least one."""
+    return max(1, math.ceil(keep * n - 1e-9))
+
+
+def rank_key(score: float | None, seed: int) -> tuple[float, int]:
+    """The service's ranking as a sort key, best first: the higher score, ties to the lower seed; no score
+    ranks last. Pruning survivors, the request's winner (services/fanout.py) and calibration all use it."""
+    return (-(score if score is not None else -math.inf), seed)
+
+
 def survivors(scores: Sequence[float | None], seeds: Sequence[int], keep: float) -> list[int] | None:
     """Batch positions to keep: the best ceil(keep * n) by score (ties: lowest seed); None keeps all."""
     n = len(scores)
-    k = max(1, math.ceil(keep * n - 1e-9))
+    k = keep_count(keep, n)
     if k >= n:
         return None
-    ranked = sorted(range(n), key=lambda i: (-(scores[i] if scores[i] is not None else -math.inf), seeds[i]))
+    ranked = sorted(range(n), key=lambda i: rank_key(scores[i], seeds[i]))
     return sorted(ranked[:k])
