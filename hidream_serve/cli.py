@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from .engine.errors import EngineError
+from .engine.params import MODES, RECIPES, SCHEDULERS
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+DTYPES = ("float32", "bfloat16")  # torch dtype names
 
 
 def _add_tiny(sub) -> None:
@@ -32,24 +33,24 @@ def _cmd_tiny(args) -> int:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate one image with the engine (no server)")
     p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
-    p.add_argument("--mode", required=True, choices=["t2i", "edit", "ip", "skeleton", "layout"])
+    p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--prompt", required=True)
     p.add_argument("--ref", action="append", default=[], type=Path, help="reference image (repeat, in order)")
     p.add_argument("--layout-boxes", help='JSON, e.g. \'[[0.1,0.5,0.2,0.9]]\' or [{"bbox": [...], "text": "..."}]')
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--height", type=int, default=2048)
     p.add_argument("--exact-size", action="store_true", help="use width/height as given (multiples of 32)")
-    p.add_argument("--recipe", choices=["full", "dev"], default="full")
+    p.add_argument("--recipe", choices=RECIPES, default="full")
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int, default=32)
     p.add_argument("--shift", type=float)
     p.add_argument("--guidance", type=float)
-    p.add_argument("--scheduler", choices=["unipc", "flow_match", "flash"])
+    p.add_argument("--scheduler", choices=SCHEDULERS)
     p.add_argument("--noise-scale-start", type=float)
     p.add_argument("--noise-scale-end", type=float)
     p.add_argument("--noise-clip-std", type=float)
     p.add_argument("--keep-original-aspect", action="store_true")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_cmd_generate)

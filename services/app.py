@@ -10,7 +10,7 @@ the YAML `deployments:` section (deploy/serve_config.yaml, deploy/local.yaml).
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
 from hidream_serve.api.protocol import Defaults, Limits
@@ -27,6 +27,9 @@ from hidream_serve.embedded import (
     is_embedded,
     resolve_model,
 )  # fmt: skip
+from hidream_serve.engine.errors import InvalidInput
+from hidream_serve.engine.params import recipe_for
+from hidream_serve.engine.resolution import resolve_size
 
 from .config import EngineOptions, GeneratorConfig, RouterConfig, ScorerConfig
 from .generator import Generator
@@ -64,6 +67,27 @@ class AppArgs(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig, description="Router user_config (seeds_per_call...)")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="Generator user_config")
     scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="Scorer user_config")
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "AppArgs":
+        """A default the limits reject would fail every request that leaves the field out, blaming a field the
+        client never sent: refuse such a configuration at build time, naming the key."""
+        d, lim = self.defaults, self.limits
+        if d.n > lim.max_n:
+            raise ValueError(f"defaults.n = {d.n} is more than limits.max_n = {lim.max_n}")
+        steps = d.steps if d.steps is not None else recipe_for(d.recipe, 0).steps
+        if steps > lim.max_steps:
+            key = f"defaults.steps = {steps}" if d.steps is not None else f"defaults.recipe {d.recipe} ({steps} steps)"
+            raise ValueError(f"{key} is more than limits.max_steps = {lim.max_steps}")
+        try:
+            width, height, _ = resolve_size(d.width, d.height, d.exact_size)
+        except InvalidInput as e:
+            raise ValueError(f"defaults.{e.field}: {e.message}") from None
+        if width * height > lim.max_pixels:
+            size = f"{width}x{height}" + ("" if (width, height) == (d.width, d.height) else " (snapped)")
+            raise ValueError(f"defaults.width x defaults.height = {size} = {width * height} pixels is more than "
+                             f"limits.max_pixels = {lim.max_pixels}")  # fmt: skip
+        return self
 
 
 def _display_name(spec: str) -> str:

@@ -1,7 +1,8 @@
 """Best-of-N: split the seeds into groups, generate the groups concurrently, score the set, pick the winner.
 
 Plain asyncio over two injected coroutines, `generate(params, seeds)` and `score(prompt, pngs)`; the
-router passes Ray Serve handle calls, tests pass fakes. Rules:
+router passes Ray Serve handle calls (wrapped in `cancel_with_caller`, so that cancelling the coroutine
+cancels the work on the replica), tests pass fakes. Rules:
 
 - a group failing on bad input fails the request (every group has the same input), and so does
   back-pressure or a lost replica (503: retry later; the other groups are cancelled); any other group
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hidream_serve.api.errors import BadRequest, ServiceError, Unavailable, classify
+from hidream_serve.scoring.pruning import rank_key
 
 from .config import RouterConfig
 
@@ -56,6 +58,17 @@ class Outcome:
     groups: list[dict]
     scorer: str | None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+async def cancel_with_caller(response):
+    """Await a Ray Serve `DeploymentResponse`, cancelling the call itself (queued or running on a replica)
+    if this await is cancelled: a deadline, a failed sibling group, a client that went away. Serve does not
+    do that for a plain asyncio cancellation of the awaiting task; `response.cancel()` does."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 
 
 def score_context(params) -> dict:
@@ -98,7 +111,7 @@ def pick_winner(cands: list[Scored]) -> Scored:
     scored = [c for c in finished if c.score is not None]
     if not scored:
         return min(finished, key=lambda c: c.seed)
-    return max(scored, key=lambda c: (c.score, -c.seed))
+    return min(scored, key=lambda c: rank_key(c.score, c.seed))
 
 
 async def best_of_n(params, seeds: list[int], generate: GenerateFn, score: ScoreFn | None,
@@ -129,7 +142,7 @@ async def best_of_n(params, seeds: list[int], generate: GenerateFn, score: Score
     finally:
         for t in tasks:
             if not t.done():
-                t.cancel()  # cancels the handle call, and so the queued or running work on the replica
+                t.cancel()  # with `cancel_with_caller`: cancels the queued or running work on the replica
     t_gen = time.perf_counter() - t0
     results = [t.exception() or t.result() for t in tasks]
     errors = [(g, r) for g, r in zip(groups, results) if isinstance(r, BaseException)]

@@ -3,12 +3,15 @@
 `generate(params, seeds, meta)` denoises one group of seeds as a batch (the engine chunks it by
 `max_batch`) in a worker thread, so the replica keeps answering health checks while it works, and
 returns PNGs whose text chunks carry the prompt, seed, mode and effective settings.
+A cancelled call (deadline, client gone, a sibling group failed) stops the engine at its next step, and
+the call ends only once the engine is free, so Serve never hands a new group to a replica still busy.
 Engine errors are converted to the service's picklable errors before they leave the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -20,12 +23,16 @@ from hidream_serve.api.errors import Unavailable, classify
 from hidream_serve.api.images import encode_png
 from hidream_serve.embedded import model_dir
 from hidream_serve.engine.params import GenerationParams
+from hidream_serve.scoring.pruning import stage_steps, survivors
 
 from .config import GeneratorConfig, pick_device, pick_dtype, replica_name
-from .fanout import score_context
-from .pruning import stage_steps, survivors
+from .fanout import cancel_with_caller, score_context
 
 log = logging.getLogger("hidream_serve.generator")
+
+
+class GenerationCancelled(Exception):
+    """Raised from the engine's step hook when the call was cancelled: ends the engine call early."""
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=1, ray_actor_options={"num_cpus": 1})
@@ -39,7 +46,6 @@ class Generator:
 
         self.config = GeneratorConfig()
         self.device = pick_device(device)
-        self.spec = model
         t0 = time.perf_counter()
         options = dict(max_batch=self.config.max_batch, **(engine or {}))
         warm_up_size = options.pop("warm_up_size", None)
@@ -70,29 +76,42 @@ class Generator:
         if self._broken:
             raise RuntimeError(f"generator replica is unusable: {self._broken}")
 
-    async def info(self) -> dict:
-        return {"replica": self.replica, "checkpoint": str(self.path), "spec": self.spec, "device": self.device,
-                "dtype": str(self.pipe.dtype).removeprefix("torch."), "max_batch": self.pipe.max_batch}  # fmt: skip
-
     async def generate(self, params: GenerationParams, seeds: list[int], meta: dict | None = None) -> dict:
         t0 = time.perf_counter()
         meta = dict(meta or {})
         meta["loop"] = asyncio.get_running_loop()
+        cancel = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(self._generate, params, list(seeds), meta, cancel))
         try:
-            out = await asyncio.to_thread(self._generate, params, list(seeds), meta)
+            out = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The thread cannot be interrupted, only asked to stop: the step hook raises at the next step.
+            # Wait until it has (and let go of the engine) before this call counts as finished.
+            cancel.set()
+            work.add_done_callback(lambda w: w.cancelled() or w.exception())  # its error is of no interest now
+            await asyncio.wait({work})
+            raise
         except Exception as e:  # noqa: BLE001 - every error leaves as a picklable ServiceError
             raise self._convert(e) from None
         out["busy_s"] = time.perf_counter() - t0
         return out
 
-    def _generate(self, params: GenerationParams, seeds: list[int], meta: dict) -> dict:
+    def _generate(self, params: GenerationParams, seeds: list[int], meta: dict, cancel: threading.Event) -> dict:
         warnings: list[str] = []
         preview_scores: dict[int, float] = {}
-        hook = self._pruning_hook(params, meta, preview_scores, warnings) if meta.get("prune") else None
+        prune = self._pruning_hook(params, meta, preview_scores, warnings, cancel) if meta.get("prune") else None
+
+        def on_step(state):  # every step: stop if cancelled, then prune if asked
+            if cancel.is_set():
+                raise GenerationCancelled()
+            return None if prune is None else prune(state)
+
         with self._lock:
-            t0 = time.perf_counter()
-            result = self.pipe(params, seeds, on_step=hook)
-            t1 = time.perf_counter()
+            if cancel.is_set():  # cancelled while waiting for the engine
+                raise GenerationCancelled()
+            if prune is not None:
+                warnings += self._unpruned_warning(seeds)
+            result = self.pipe(params, seeds, on_step=on_step)
         settings = dict(result.settings)
         text = {"prompt": params.prompt, "mode": params.mode, "settings": settings,
                 "ref_roles": list(params.ref_roles) or None}  # fmt: skip
@@ -104,13 +123,23 @@ class Generator:
             candidates.append({"seed": c.seed, "png": png, "pruned_at_step": c.pruned_at_step,
                                "steps_computed": c.steps_computed, "preview_score": preview,
                                "preview_scores": preview_breakdown})  # fmt: skip
-        return {
-            "replica": self.replica, "candidates": candidates, "settings": settings,
-            "warnings": list(result.warnings) + warnings,
-            "engine_s": t1 - t0, "encode_s": time.perf_counter() - t1, "timings": dict(result.timings),
-        }  # fmt: skip
+        return {"replica": self.replica, "candidates": candidates, "settings": settings,
+                "warnings": list(result.warnings) + warnings}  # fmt: skip
 
-    def _pruning_hook(self, params: GenerationParams, meta: dict, preview_scores: dict, warnings: list):
+    def _unpruned_warning(self, seeds: list[int]) -> list[str]:
+        """The engine denoises `max_batch` candidates at a time and pruning ranks within one such batch, so a
+        candidate alone in its batch is never pruned: say so rather than prune silently less (or not at all)."""
+        if len(seeds) < 2:
+            return []  # one candidate: nothing to rank, nothing to say
+        size = self.pipe.max_batch
+        alone = [seeds[i] for i in range(0, len(seeds), size) if len(seeds[i : i + size]) == 1]
+        if not alone:
+            return []
+        return [f"pruning skipped for seeds {alone}: the generator denoises at most {size} candidate(s) at a time "
+                "(generator max_batch) and pruning ranks the candidates of one batch"]  # fmt: skip
+
+    def _pruning_hook(self, params: GenerationParams, meta: dict, preview_scores: dict, warnings: list,
+                      cancel: threading.Event):  # fmt: skip
         """Engine step hook: at each stage's step, score the previews (scorer deployment) and keep the best."""
         loop, stages, timeout = meta["loop"], meta["prune"], float(meta.get("score_timeout_s", 120))
         context = score_context(params)  # previews are judged like final images: same mode, refs and roles
@@ -124,9 +153,19 @@ class Generator:
             if keep is None or len(state.seeds) < 2:
                 return None
             pngs = [encode_png(state.preview(i), compress_level=1) for i in range(len(state.seeds))]
+            fut = asyncio.run_coroutine_threadsafe(self._score(params.prompt, pngs, context), loop)
+            deadline = time.monotonic() + timeout
+            while not concurrent.futures.wait([fut], timeout=min(0.05, max(0.0, deadline - time.monotonic())))[0]:
+                if cancel.is_set():  # cancelled while the previews are scored: stop waiting
+                    fut.cancel()
+                    raise GenerationCancelled()
+                if time.monotonic() >= deadline:
+                    break
             try:
-                fut = asyncio.run_coroutine_threadsafe(self._score(params.prompt, pngs, context), loop)
-                res = fut.result(timeout)
+                if not fut.done():
+                    fut.cancel()
+                    raise TimeoutError(f"no preview scores after {timeout:g}s")
+                res = fut.result()
                 scores = [float(s) for s in res["composite"]]
                 if len(scores) != len(pngs):
                     raise ValueError(f"scorer returned {len(scores)} scores for {len(pngs)} previews")
@@ -146,7 +185,7 @@ class Generator:
         return hook
 
     async def _score(self, prompt: str, pngs: list[bytes], context: dict) -> dict:
-        return await self.scorer.score.remote(prompt, pngs, context)
+        return await cancel_with_caller(self.scorer.score.remote(prompt, pngs, context))
 
     def _convert(self, e: Exception):
         torch = self._torch

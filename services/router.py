@@ -10,15 +10,17 @@ occupies a GPU. Errors become responses in one place: `hidream_serve.api.errors`
 import asyncio
 import logging
 import time
+import typing
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
 
 from hidream_serve.api.checks import precheck
-from hidream_serve.api.errors import PayloadTooLarge, error_response, install_error_handlers
+from hidream_serve.api.errors import PayloadTooLarge, Unavailable, error_response, install_error_handlers
 from hidream_serve.api.images import b64
 from hidream_serve.api.protocol import (
     CandidateOut,
@@ -29,6 +31,7 @@ from hidream_serve.api.protocol import (
     GroupInfo,
     Limits,
     Mode,
+    Role,
     Timings,
     Winner,
 )  # fmt: skip
@@ -36,7 +39,7 @@ from hidream_serve.engine.errors import InvalidInput
 from hidream_serve.engine.params import DEV, FULL, MODES, RECIPES, SCHEDULERS
 
 from .config import RouterConfig
-from .fanout import best_of_n, score_context
+from .fanout import best_of_n, cancel_with_caller, score_context
 
 log = logging.getLogger("hidream_serve.router")
 
@@ -56,17 +59,65 @@ def _config() -> RouterConfig:
 install_error_handlers(app, retry_after_s=lambda: _config().retry_after_s)
 
 
-@app.middleware("http")
-async def _request_id_and_size(request: Request, call_next):
-    # Serve's proxy assigns each request an id and passes it in `x-request-id` (and echoes it back).
-    request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    request.state.t0 = time.perf_counter()
-    length = request.headers.get("content-length")
-    limit = _config().max_body_bytes
-    if length is not None and length.isdigit() and int(length) > limit:
-        err = PayloadTooLarge(f"request body is {length} bytes, more than {limit}", field="body")
-        return error_response(err, request.state.request_id)
-    return await call_next(request)
+class _Ingress:
+    """ASGI middleware in front of everything: the request id and start time, and the body-size limit.
+
+    The limit is enforced on the bytes actually received, not only on `Content-Length` (a chunked upload
+    has none): the body is read here, up to the limit, and replayed to the app; past the limit the answer
+    is 413 and the rest is never read."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        # Serve's proxy assigns each request an id and passes it in `x-request-id` (and echoes it back).
+        headers = Headers(scope=scope)
+        rid = headers.get("x-request-id") or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["t0"] = rid, time.perf_counter()
+        limit = _config().max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            err = PayloadTooLarge(f"request body is {length} bytes, more than {limit}", field="body")
+            return await error_response(err, rid)(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                chunks = None
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                err = PayloadTooLarge(f"request body is more than {limit} bytes", field="body")
+                return await error_response(err, rid)(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        if chunks is None:
+            return await self.app(scope, _replay([message], receive), send)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        return await self.app(scope, _replay([body], receive), send)
+
+
+def _replay(messages: list[dict], receive):
+    """An ASGI `receive` that gives these messages first, then defers to the real one (disconnects)."""
+    pending = list(messages)
+
+    async def replay():
+        return pending.pop(0) if pending else await receive()
+
+    return replay
+
+
+app.add_middleware(_Ingress)
+
+
+def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Defaults):
+    """The whole request check (decodes the reference images): (params, seeds, precheck's answer)."""
+    params, seeds = body.to_engine(mode, limits, defaults)
+    return params, seeds, precheck(params, seeds, limits)
 
 
 @serve.deployment(name="Router", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
@@ -90,8 +141,8 @@ class Router:
         rid = request.state.request_id
         t0 = request.state.t0
         try:
-            params, seeds = body.to_engine(mode, self.limits, self.defaults)
-            pre = await asyncio.to_thread(precheck, params, seeds, self.limits)
+            # decoding the refs (base64 + PIL) and the checks are CPU work: off the event loop, in one go
+            params, seeds, pre = await asyncio.to_thread(validate, body, mode, self.limits, self.defaults)
             prune = body.prune_plan()
             if prune and self.scorer is None:
                 raise InvalidInput("prune", "pruning needs a scorer and this server has none configured")
@@ -99,12 +150,12 @@ class Router:
             meta = {"request_id": rid, "prune": prune, "score_timeout_s": self.config.score_timeout_s}
 
             async def generate(p, group):
-                return await self.generator.generate.remote(p, group, meta)
+                return await cancel_with_caller(self.generator.generate.remote(p, group, meta))
 
             context = score_context(params)
 
             async def score(prompt, pngs):
-                return await self.scorer.score.remote(prompt, pngs, context)
+                return await cancel_with_caller(self.scorer.score.remote(prompt, pngs, context))
 
             out = await best_of_n(params, seeds, generate, score if self.scorer is not None else None, self.config,
                                   pruning=bool(prune))  # fmt: skip
@@ -151,7 +202,7 @@ class Router:
             "modes": list(MODES),
             "recipes": {name: recipe(r) for name, r in zip(RECIPES, (FULL, DEV))},
             "schedulers": list(SCHEDULERS),
-            "ref_roles": ["face", "subject", "garment", "background", "pose", "style"],
+            "ref_roles": list(typing.get_args(Role)),
             "limits": self.limits.model_dump(),
             "defaults": self.defaults.model_dump(),
             "seeds_per_call": self.config.seeds_per_call,
@@ -170,8 +221,8 @@ class Router:
         _, ready, detail = self._ready
         if ready:
             return JSONResponse({"status": "ready", "deployments": detail})
-        return JSONResponse({"status": "not_ready", "deployments": detail}, status_code=503,
-                            headers={"Retry-After": str(max(1, int(self.config.retry_after_s)))})  # fmt: skip
+        retry = Unavailable("not ready", retry_after_s=self.config.retry_after_s).headers()
+        return JSONResponse({"status": "not_ready", "deployments": detail}, status_code=503, headers=retry)
 
     def _check_ready(self) -> tuple[bool, dict]:
         """Ready when every model deployment of this application has at least one running replica."""

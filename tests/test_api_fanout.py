@@ -151,7 +151,7 @@ def test_generation_deadline():
 
 
 def test_stage_steps():
-    from services.pruning import stage_steps
+    from hidream_serve.scoring.pruning import stage_steps
 
     assert stage_steps([{"at": 0.5, "keep": 0.5}], 4) == {1: 0.5}
     assert stage_steps([{"at": 0.5, "keep": 0.5}], 50) == {24: 0.5}
@@ -160,7 +160,7 @@ def test_stage_steps():
 
 
 def test_survivors_keep_the_best_fraction():
-    from services.pruning import survivors
+    from hidream_serve.scoring.pruning import survivors
 
     assert survivors([1.0, 5.0, 3.0, 4.0], [10, 11, 12, 13], 0.5) == [1, 3]
     assert survivors([2.0, 2.0, 1.0], [9, 4, 1], 0.3) == [1]  # tie -> lower seed
@@ -186,3 +186,57 @@ def test_pruned_candidates_keep_preview_scores_and_never_win():
     pruned = [c for c in out.candidates if c.pruned_at_step is not None]
     assert [c.seed for c in pruned] == [2, 4] and all(c.score == 99.0 and c.scores is None for c in pruned)
     assert out.winner.seed in (1, 3) and out.winner.pruned_at_step is None
+
+
+# -- cancellation reaches the replica (review item 3) --------------------------------------------------------
+
+
+class FakeResponse:
+    """Stands in for a Ray Serve DeploymentResponse: awaitable, with cancel()."""
+
+    def __init__(self, seconds: float, value=None):
+        self.seconds, self.value, self.cancelled = seconds, value, False
+
+    def __await__(self):
+        yield from asyncio.sleep(self.seconds).__await__()
+        return self.value
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_a_generator_call_past_its_deadline_is_cancelled_on_the_replica():
+    from services.fanout import cancel_with_caller
+
+    responses = []
+
+    async def generate(params, seeds):
+        responses.append(FakeResponse(10))
+        return await cancel_with_caller(responses[-1])
+
+    with pytest.raises(DeadlineExceeded):
+        run(best_of_n(PARAMS, [1, 2], generate, None, RouterConfig(generate_timeout_s=0.1)))
+    assert len(responses) == 1 and responses[0].cancelled
+
+
+def test_a_sibling_failure_cancels_the_other_calls_on_their_replicas():
+    from services.fanout import cancel_with_caller
+
+    responses = {}
+
+    async def generate(params, seeds):
+        if seeds[0] == 3:
+            raise Unavailable("queue full")
+        responses[seeds[0]] = FakeResponse(10)
+        return await cancel_with_caller(responses[seeds[0]])
+
+    with pytest.raises(Unavailable):
+        run(best_of_n(PARAMS, [1, 2, 3, 4], generate, None, RouterConfig(seeds_per_call=2)))
+    assert responses[1].cancelled
+
+
+def test_a_finished_call_is_not_cancelled():
+    from services.fanout import cancel_with_caller
+
+    r = FakeResponse(0, value={"ok": 1})
+    assert run(cancel_with_caller(r)) == {"ok": 1} and not r.cancelled

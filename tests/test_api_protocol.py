@@ -158,6 +158,8 @@ RULES = [
      "layout_boxes[0]"),  # empty at 128 px
     ("ip", {"prompt": "x", "refs": [ref()], "layout_boxes": [[0.1, 0.2, 0.3, 0.4]]}, "layout_boxes"),
     ("ip", {"prompt": "x", "refs": [ref(), ref()], "keep_original_aspect": True}, "keep_original_aspect"),
+    # the engine then outputs about KEEP_ASPECT_EDGE**2 = 2048**2 pixels, whatever width/height say
+    ("edit", {"prompt": "x", "refs": [ref()], "keep_original_aspect": True}, "keep_original_aspect"),
 ]  # fmt: skip
 
 
@@ -230,3 +232,56 @@ def test_error_response_shape():
 
 def test_service_error_is_its_own_class():
     assert issubclass(BadRequest, ServiceError) and BadRequest.status == 422
+
+
+# -- keep_original_aspect against max_pixels (review item 4) ------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(48, 40), (40, 48), (1000, 1000), (3000, 200), (4096, 4096), (9000, 4500),
+                                  (5000, 7001), (2047, 2049), (333, 4321)])  # fmt: skip
+def test_keep_aspect_size_is_the_engines_output_size(size):
+    from PIL import Image
+
+    from hidream_serve.api.checks import keep_aspect_size
+    from hidream_serve.engine.conditioning import KEEP_ASPECT_EDGE
+    from hidream_serve.engine.images import fit_to_area
+
+    assert keep_aspect_size(*size) == fit_to_area(Image.new("RGB", size), KEEP_ASPECT_EDGE).size
+
+
+def test_keep_original_aspect_is_checked_against_max_pixels():
+    body = {"prompt": "x", "refs": [ref(1, w=64, h=48)], "keep_original_aspect": True, "steps": 2}
+    params, seeds = GenerateRequest.model_validate(body).to_engine("edit", Limits())
+    pre = precheck(params, seeds, Limits())  # the default limit allows it, and the size is known up front
+    assert (pre["width"], pre["height"]) == (2336, 1760)
+    with pytest.raises(InvalidInput) as e:
+        precheck(params, seeds, Limits(max_pixels=2336 * 1760 - 1))
+    assert e.value.field == "keep_original_aspect" and "2336x1760" in e.value.message
+
+
+# -- malformed JSON and parse-time prune checks (review items 5, 8) ----------------------------------------
+
+
+def test_malformed_json_is_named_body_with_the_position_in_the_message():
+    err = validation_error([{"type": "json_invalid", "loc": ("body", 11), "msg": "JSON decode error", "input": {},
+                             "ctx": {"error": "Expecting value"}}])  # fmt: skip
+    assert err.field == "body" and "character 11" in err.message and "Expecting value" in err.message
+
+
+def test_prune_stages_are_checked_when_the_request_is_parsed():
+    with pytest.raises(ValidationError) as e:
+        GenerateRequest.model_validate({"prompt": "x", "prune": [{"at": 0.5, "keep": 0.5}, {"at": 0.5, "keep": 0.2}]})
+    err = validation_error(e.value.errors())
+    assert err.field == "prune" and err.message == "two stages at the same step fraction"
+
+
+def test_routing_http_errors_share_the_error_shape():
+    from hidream_serve.api.errors import HTTPError
+
+    r = error_response(HTTPError("Method Not Allowed", 405, {"Allow": "POST"}), "rid-2")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert json.loads(r.body) == {"error": {"type": "method_not_allowed", "message": "Method Not Allowed",
+                                            "request_id": "rid-2"}}  # fmt: skip
+    back = pickle.loads(pickle.dumps(HTTPError("Not Found", 404)))
+    assert back.status == 404 and back.type == "not_found"
+    assert Internal("x").status == 500 and Internal("x").type == "internal_error"

@@ -222,3 +222,34 @@ def test_the_walker_catches_misspelt_scorer_weights():
     bad = check_file(data)
     for key in ("weights.t2i.pickscor", "weights.edits", "role_weights.faces", "user_config.weights.ip.dino"):
         assert any(key in b for b in bad), (key, bad)
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        ({"defaults": {"n": 5}, "limits": {"max_n": 4}}, "defaults.n"),
+        ({"defaults": {"steps": 30}, "limits": {"max_steps": 20}}, "defaults.steps"),
+        ({"limits": {"max_steps": 20}}, "defaults.recipe"),  # the full recipe's 50 steps
+        ({"limits": {"max_pixels": 1024 * 1024}}, "defaults.width"),  # 2048x2048 by default
+        ({"defaults": {"width": 128, "height": 128}, "limits": {"max_pixels": 1024 * 1024}},
+         "defaults.width"),  # not exact: snapped to a trained size, 2048x2048
+        ({"defaults": {"width": 100, "height": 128, "exact_size": True}}, "defaults.width"),
+    ],
+)  # fmt: skip
+def test_defaults_outside_the_limits_are_a_config_error(args, key):
+    """Otherwise every request leaving the field out would be refused, blaming a field the client never sent."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=key.replace(".", r"\.")):
+        AppArgs.model_validate(args)
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from services.app import build_app
+
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        call_user_app_builder_with_args_if_necessary(build_app, args)
+
+
+def test_defaults_within_the_limits_are_fine():
+    AppArgs.model_validate({"defaults": {"width": 128, "height": 128, "exact_size": True, "steps": 2, "n": 4},
+                            "limits": {"max_n": 4, "max_steps": 2, "max_pixels": 128 * 128}})  # fmt: skip

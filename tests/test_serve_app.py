@@ -275,6 +275,8 @@ BAD = [
     ("layout", {"prompt": "x", "refs": [ref(1)], "layout_boxes": [[0.1, 0.2, 0.1, 0.2], [0, 1.2, 0, 1]]},
      "layout_boxes[1]"),
     ("paint", {"prompt": "x"}, "mode"),
+    # the output would be about 2048x2048 (from the reference's aspect), over max_pixels = 512*512
+    ("edit", {"prompt": "x", "refs": [ref(1)], "keep_original_aspect": True}, "keep_original_aspect"),
 ]  # fmt: skip
 
 
@@ -300,8 +302,40 @@ def test_oversized_body_is_413_before_parsing(service):
     assert r.status_code == 413 and r.json()["error"]["field"] == "body"
 
 
+def test_malformed_json_names_the_body(service):
+    r = service.post("/v1/generate/t2i", content=b'{"prompt": x}', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["field"] == "body" and "not valid JSON" in err["message"] and err["request_id"]
+
+
+def _chunks(data: bytes, size: int = 64 * 1024):
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def test_chunked_upload_over_the_limit_is_413_too(service):
+    """No Content-Length (chunked transfer): the limit holds on the bytes received."""
+    body = json.dumps({"prompt": "x", "refs": [{"image": "A" * 2_100_000}]}).encode()
+    r = service.post("/v1/generate/edit", content=_chunks(body), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body", r.text[:500]
+
+
+def test_chunked_upload_under_the_limit_is_served(service):
+    body = json.dumps({"prompt": "chunked", "seed": 3, **SMALL, "refs": [ref(1)]}).encode()
+    r = service.post("/v1/generate/edit", content=_chunks(body, 1000), headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["winner"]["seed"] == 3
+
+
 def test_unknown_route_is_404(service):
     assert service.get("/v1/nothing").status_code == 404
+
+
+def test_unknown_route_error_has_the_request_id(service):
+    r = service.get("/v1/nothing")
+    assert r.json()["error"]["type"] == "not_found" and r.json()["error"]["request_id"]
 
 
 def test_overload_is_503_with_retry_after_and_never_500(service):

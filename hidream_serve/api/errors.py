@@ -78,8 +78,26 @@ class DeadlineExceeded(ServiceError):
 
 
 class Internal(ServiceError):
-    status = 500
-    type = "internal_error"
+    """Anything unexpected: 500, no detail (ServiceError's own status and type)."""
+
+
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed"}
+
+
+class HTTPError(ServiceError):
+    """A routing-level HTTP error (unknown route, wrong method...) in the service's error shape."""
+
+    def __init__(self, message: str, status: int, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.type = _HTTP_TYPES.get(status, "http_error")
+        self._headers = dict(headers or {})
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.status, self._headers))
+
+    def headers(self) -> dict[str, str]:
+        return {**self._headers, **super().headers()}
 
 
 def _ray_classes():
@@ -144,6 +162,13 @@ def validation_error(errors: Sequence[dict]) -> BadRequest:
     """Pydantic/FastAPI validation errors -> one BadRequest naming the first field; all are listed too."""
     items = []
     for e in errors:
+        if e.get("type") == "json_invalid":  # FastAPI: loc ("body", character position), ctx {"error": why}
+            loc = list(e.get("loc", ()))
+            pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+            why = (e.get("ctx") or {}).get("error") or str(e.get("msg", "invalid JSON"))
+            where = f" at character {pos}" if pos is not None else ""
+            items.append({"field": "body", "message": f"the body is not valid JSON{where}: {why}"})
+            continue
         loc = list(e.get("loc", ()))
         # pydantic appends the union member / tag to the loc (e.g. "list[float]"); drop such noise for the name
         loc = [p for p in loc if isinstance(p, int) or "[" not in str(p) and not str(p).startswith("function-")]
@@ -184,11 +209,8 @@ def install_error_handlers(app, retry_after_s=lambda: DEFAULT_RETRY_AFTER_S) -> 
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):
-        from fastapi.responses import JSONResponse
-
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": {"type": kind, "message": str(exc.detail)}}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))  # fmt: skip
+        err = HTTPError(str(exc.detail), exc.status_code, getattr(exc, "headers", None))
+        return error_response(err, rid(request), retry_after_s())
 
     @app.exception_handler(ServiceError)
     async def _service(request, exc: ServiceError):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from hidream_serve.engine.errors import InvalidInput
 from hidream_serve.engine.params import MAX_STEPS, MODES, RECIPES, SCHEDULERS, GenerationParams
@@ -122,14 +123,20 @@ class GenerateRequest(_Strict):
         None, max_length=8, description="early pruning on previews: a stage {at, keep} or a list of stages"
     )
 
-    def prune_plan(self) -> list[dict[str, float]]:
-        """Pruning stages in step order, as plain dicts for the generator (empty: no pruning)."""
-        if not self.prune:
-            return []
-        stages = sorted(self.prune, key=lambda s: s.at)
+    @field_validator("prune")
+    @classmethod
+    def _stages_in_step_order(cls, stages: list[PruneStage] | None) -> list[PruneStage] | None:
+        if not stages:
+            return stages
+        stages = sorted(stages, key=lambda s: s.at)
         if len({s.at for s in stages}) != len(stages):
-            raise InvalidInput("prune", "two stages at the same step fraction")
-        return [{"at": s.at, "keep": s.keep} for s in stages]
+            raise PydanticCustomError("prune_stages", "two stages at the same step fraction")
+        return stages
+
+    def prune_plan(self) -> list[dict[str, float]]:
+        """Pruning stages in step order (sorted and checked when the request was parsed), as plain dicts for
+        the generator (empty: no pruning)."""
+        return [{"at": s.at, "keep": s.keep} for s in self.prune or ()]
 
     def seed_list(self, limits: Limits, defaults: Defaults) -> list[int]:
         if self.seeds is not None:
@@ -161,7 +168,6 @@ class GenerateRequest(_Strict):
             raise InvalidInput("prompt", "t2i needs a non-empty prompt")
         if len(self.refs) > limits.max_refs:
             raise InvalidInput("refs", f"at most {limits.max_refs} reference images, got {len(self.refs)}")
-        self.prune_plan()  # validates
         seeds = self.seed_list(limits, defaults)
         images = [
             decode_image(r.image, f"refs[{i}].image", limits.max_image_bytes, limits.max_image_pixels)
@@ -192,13 +198,6 @@ class GenerateRequest(_Strict):
         if self.layout_boxes is None:
             return None
         return [{"bbox": list(b.bbox), "text": b.text} if b.text else list(b.bbox) for b in self.layout_boxes]
-
-    def log_summary(self) -> dict[str, Any]:
-        """What is safe and useful to log (no image data)."""
-        d = self.model_dump(exclude={"refs"}, by_alias=True, exclude_none=True)
-        d["refs"] = [{"role": r.role, "chars": len(r.image)} for r in self.refs]
-        d["prompt"] = self.prompt[:200]
-        return d
 
 
 # -- response -----------------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""The Generator deployment's class without Ray: the tiny model on CPU, cancellation and pruning batches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from hidream_serve.engine.params import GenerationParams
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from importing ray.serve
+
+generator_mod = pytest.importorskip("services.generator")
+
+SMALL = dict(mode="t2i", prompt="a fox", width=128, height=128, exact_size=True)
+PRUNE = {"prune": [{"at": 0.5, "keep": 0.5}], "score_timeout_s": 30}
+
+
+class StepCounter:
+    """Wraps the pipeline to count the denoising steps it takes."""
+
+    def __init__(self, pipe):
+        self.pipe, self.steps = pipe, 0
+
+    @property
+    def max_batch(self):
+        return self.pipe.max_batch
+
+    @max_batch.setter
+    def max_batch(self, n):
+        self.pipe.max_batch = n
+
+    def __call__(self, params, seeds, on_step=None):
+        def hook(state):
+            self.steps += 1
+            return on_step(state) if on_step is not None else None
+
+        return self.pipe(params, seeds, on_step=hook)
+
+
+class FakeResponse:
+    def __init__(self, value, seconds=0.0):
+        self.value, self.seconds, self.cancelled = value, seconds, False
+
+    def __await__(self):
+        yield from asyncio.sleep(self.seconds).__await__()
+        return self.value
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeScorer:
+    """Preview scores: higher for lower seeds' positions (the first previews win)."""
+
+    def __init__(self, seconds=0.0):
+        self.seconds, self.calls = seconds, []
+        self.score = self  # handle.score.remote(...)
+
+    def remote(self, prompt, pngs, context):
+        self.calls.append(FakeResponse({"composite": [float(-i) for i in range(len(pngs))]}, self.seconds))
+        return self.calls[-1]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_dir):
+    gen = generator_mod.Generator.func_or_class(str(tiny_dir), device="cpu", dtype="float32")
+    gen.reconfigure({"max_batch": 4})
+    return gen
+
+
+@pytest.fixture
+def counted(generator, monkeypatch):
+    counter = StepCounter(generator.pipe)
+    monkeypatch.setattr(generator, "pipe", counter)
+    monkeypatch.setattr(generator, "scorer", None)
+    yield generator, counter
+    generator.reconfigure({"max_batch": 4})
+
+
+def _engine_is_free(gen) -> bool:
+    if gen._lock.acquire(blocking=False):
+        gen._lock.release()
+        return True
+    return False
+
+
+def test_cancelling_a_call_frees_the_engine_within_a_step(counted):
+    """A cancelled call (deadline, client gone, failed sibling) must not leave the engine busy: Serve would
+    send the next group to this replica while the old one still computes."""
+    gen, counter = counted
+    params = GenerationParams(**SMALL, steps=200)
+
+    async def main():
+        task = asyncio.ensure_future(gen.generate(params, [1, 2]))
+        while counter.steps < 2:
+            await asyncio.sleep(0.002)
+        at_cancel = counter.steps
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return at_cancel, _engine_is_free(gen), counter.steps
+
+    at_cancel, free, steps_when_done = asyncio.run(main())
+    assert free, "the call ended while the engine still ran it"
+    assert steps_when_done <= at_cancel + 2 and counter.steps == steps_when_done
+    out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=2), [3]))  # and the engine still works
+    assert [c["seed"] for c in out["candidates"]] == [3] and out["candidates"][0]["png"]
+
+
+def test_cancelling_while_previews_are_scored_stops_promptly(counted, monkeypatch):
+    gen, counter = counted
+    scorer = FakeScorer(seconds=30)
+    monkeypatch.setattr(gen, "scorer", scorer)
+    params = GenerationParams(**SMALL, steps=4)
+
+    async def main():
+        task = asyncio.ensure_future(gen.generate(params, [1, 2], PRUNE))
+        while not scorer.calls:
+            await asyncio.sleep(0.002)
+        t0 = time.perf_counter()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)  # let the scorer call's cancellation run
+        return time.perf_counter() - t0, _engine_is_free(gen)
+
+    took, free = asyncio.run(main())
+    assert free and took < 5 and counter.steps == 2
+    assert scorer.calls[0].cancelled  # the preview scoring itself is cancelled on the scorer
+
+
+def test_pruning_ranks_the_candidates_of_one_batch(counted, monkeypatch):
+    gen, _ = counted
+    monkeypatch.setattr(gen, "scorer", FakeScorer())
+    out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=4), [1, 2, 3, 4], PRUNE))
+    assert [c["pruned_at_step"] for c in out["candidates"]] == [None, None, 1, 1]
+    assert not any("pruning skipped" in w for w in out["warnings"]), out["warnings"]
+
+
+@pytest.mark.parametrize("max_batch, alone", [(1, [1, 2, 3, 4]), (3, [4])])
+def test_pruning_says_so_when_candidates_denoise_alone(counted, monkeypatch, max_batch, alone):
+    """The engine prunes within batches of max_batch: a candidate alone in its batch is never pruned."""
+    gen, _ = counted
+    monkeypatch.setattr(gen, "scorer", FakeScorer())
+    gen.reconfigure({"max_batch": max_batch})
+    out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=4), [1, 2, 3, 4], PRUNE))
+    assert any(f"pruning skipped for seeds {alone}" in w for w in out["warnings"]), out["warnings"]
+    pruned = [c["seed"] for c in out["candidates"] if c["pruned_at_step"] is not None]
+    assert not set(pruned) & set(alone)
+
+
+def test_one_candidate_with_pruning_needs_no_warning(counted, monkeypatch):
+    gen, _ = counted
+    gen.reconfigure({"max_batch": 1})
+    out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=2), [7], PRUNE))
+    assert not any("pruning skipped" in w for w in out["warnings"])
+
+
+def test_generator_output_is_what_the_router_reads(counted):
+    gen, _ = counted
+    out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=2), [5]))
+    assert set(out) == {"replica", "candidates", "settings", "warnings", "busy_s"}
