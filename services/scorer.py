@@ -28,16 +28,12 @@ log = logging.getLogger("hidream_serve.scorer")
 
 @serve.deployment(name="Scorer", max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})
 class Scorer:
-    def __init__(self, models: dict | str, device: str = "auto", dtype: str = "auto"):
-        """`models`: {"pickscore", "clip", "dino": spec or None, "pickscore_processor": dir or None}; a plain
-        string is a CLIP spec (the single-scorer form)."""
+    def __init__(self, models: dict, device: str = "auto", dtype: str = "auto"):
+        """`models`: {"pickscore", "clip", "dino": spec or None, "pickscore_processor": dir or None}."""
         import torch
 
         from hidream_serve.scoring.composite import MODEL_SCORERS, CompositeScorer
 
-        if isinstance(models, str):
-            models = {"clip": models}
-        self.specs = dict(models)
         self.config = ScorerConfig()
         self.device = pick_device(device)
         dt = None if dtype == "auto" else pick_dtype(dtype, self.device)
@@ -78,10 +74,6 @@ class Scorer:
 
     def check_health(self) -> None:
         return None
-
-    async def info(self) -> dict:
-        return {"replica": self.replica, "scorers": self.scorer.describe(), "specs": self.specs,
-                "weights": {m: self.scorer.weights_for(m) for m in ("t2i", "edit", "ip", "skeleton", "layout")}}
 
     async def score(self, prompt: str, images: list[bytes], context: dict | None = None) -> dict:
         """`context`: {"mode", "refs": [PIL images], "roles": [role or None]}; absent: t2i, no refs."""
