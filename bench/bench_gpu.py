@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import cuda_time  # noqa: E402
 
+from hidream_serve.engine.network import fa3_supports  # noqa: E402
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
-from hidream_serve.engine.pipeline import CompiledLayer, HiDreamPipeline  # noqa: E402
+from hidream_serve.engine.pipeline import CompiledLayer, HiDreamPipeline, resolve_attention  # noqa: E402
 from hidream_serve.random_model import make_pipeline, random_full_model, tokenizer_dir  # noqa: E402
 
 SIZE = 2048
@@ -124,7 +125,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer steps for the per-step cases")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--levers", action="store_true", help="also time each lever on t2i_full")
-    ap.add_argument("--attention", default="cudnn", choices=["cudnn", "flash"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "fa3", "cudnn", "flash"])
     args = ap.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
@@ -139,8 +140,9 @@ def main() -> int:
     ceiling = matmul_ceiling_tflops(dev)
     print(f"{gpu}: model built in {build_s:.1f}s, weights {weights_gib:.2f} GiB, bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
 
-    plain = make_pipeline(model, tok_dir, max_batch=8, fuse=False)
-    parity = check_fast_matches_plain(plain, dev)
+    plain = make_pipeline(model, tok_dir, max_batch=8, fuse=False, attention="flash")
+    # before `fast` exists: fusing is a property of the shared model, and the check toggles it
+    parity = check_fast_matches_plain(plain, resolve_attention(args.attention, model), dev)
     fast = make_pipeline(model, tok_dir, max_batch=8, fuse=True, compile=not args.no_compile, attention=args.attention)
 
     per_step_steps = 4 if args.quick else 8
@@ -205,7 +207,7 @@ def main() -> int:
 
     report = {
         "gpu": gpu, "command": command, "torch": torch.__version__, "python": platform.python_version(),
-        "flash_attn": _has_flash_attn(), "compile": not args.no_compile, "attention": args.attention, "ceiling_tflops": round(ceiling, 1),
+        "flash_attn": _has_flash_attn(), "compile": not args.no_compile, "attention": fast.attention, "ceiling_tflops": round(ceiling, 1),
         "weights_gib": round(weights_gib, 2), "model_build_s": round(build_s, 1), "warmup_s": round(warm_s, 1),
         "fast_vs_plain": parity, "cases": cases, "levers": levers,
     }  # fmt: skip
@@ -218,7 +220,7 @@ def set_param_dtype(model, dtype) -> None:
         prm.data = prm.data.to(dtype)
 
 
-def check_fast_matches_plain(plain: HiDreamPipeline, dev) -> dict:
+def check_fast_matches_plain(plain: HiDreamPipeline, fast_attention: str, dev) -> dict:
     """The fused + compiled bf16 path against the plain bf16 path, both judged against a float32 reference.
 
     "Within bf16 tolerance" means the fast path is no further from float32 than the plain bf16 path is.
@@ -243,9 +245,9 @@ def check_fast_matches_plain(plain: HiDreamPipeline, dev) -> dict:
     torch.cuda.empty_cache()
     a = predict(plain)
     plain.model.fuse_projections(True)
-    plain.layer_fn = CompiledLayer(plain.attention)
+    plain.attention, plain.layer_fn = fast_attention, CompiledLayer(fast_attention)
     b = predict(plain)
-    plain.layer_fn = None
+    plain.attention, plain.layer_fn = "flash", None
     plain.model.fuse_projections(False)
     rel = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
     out = {"plain_bf16_vs_fp32": rel(a, ref32), "fast_bf16_vs_fp32": rel(b, ref32), "fast_vs_plain": rel(b, a)}
@@ -267,10 +269,19 @@ def time_levers(model, tok_dir, base) -> dict:
         "fused + torch.compile (SDPA flash)": dict(fuse=True, compile=True, attention="flash"),
         "fused + torch.compile + cuDNN attention": dict(fuse=True, compile=True, attention="cudnn"),
     }
+    if fa3_supports(model.device, model.dtype, model.config.text_config.head_dim):
+        variants["fused + torch.compile + FlashAttention-3"] = dict(fuse=True, compile=True, attention="fa3")
+        variants["fused q/k/v only + torch.compile + FlashAttention-3"] = dict(fuse=True, compile=True, attention="fa3",
+                                                                               separate_gate_up=True)
     for name, v in variants.items():
         try:
             torch._dynamo.reset()  # compiled graphs fix the attention kernel: trace each variant afresh
+            v = dict(v)
+            separate_gate_up = v.pop("separate_gate_up", False)
             pipe = make_pipeline(model, tok_dir, max_batch=8, **v)
+            if separate_gate_up:  # the next pipeline's fuse_projections resets it
+                for layer in model.model.language_model.layers:
+                    layer.mlp.use_fused = False
             pipe(GenerationParams(**base, mode="t2i", recipe="full", steps=WARM_STEPS), [1])
             _, timer, _, peak = run_case(pipe, params, [42])
             out[name] = {"s_per_step": round(timer.s_per_step(), 4), "peak_gib": round(peak, 2)}
@@ -294,7 +305,7 @@ def write_report(report: dict, out_dir: Path) -> None:
         f"# {report['gpu']}: 2048x2048, full-size architecture, random bf16 weights",
         "",
         f"Command: `{report['command']}`  ",
-        f"torch {report['torch']}, flash-attn {'yes' if report['flash_attn'] else 'no (PyTorch SDPA)'}, "
+        f"torch {report['torch']}, flash-attn 2 {'yes' if report['flash_attn'] else 'no'}, "
         f"torch.compile {'on' if report['compile'] else 'off'}, attention {report['attention']}, bf16 matmul ceiling {report['ceiling_tflops']} TFLOP/s, "
         f"weights {report['weights_gib']} GiB. Fast path vs float32: {report['fast_vs_plain']['fast_bf16_vs_fp32']} "
         f"(plain bf16 vs float32: {report['fast_vs_plain']['plain_bf16_vs_fp32']}; within bf16 tolerance: {report['fast_vs_plain']['ok']})",

@@ -7,6 +7,7 @@ benchmark's shapes (2048x2048 -> 4097 generated tokens; skeleton6 -> 7363), for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import statistics
 import sys
@@ -15,6 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+try:  # FlashAttention-3 (Hopper), when built: see scripts/build-fa3.sh
+    from flash_attn_interface import flash_attn_func as fa3_func
+except ImportError:
+    fa3_func = None
 
 D, F_INTER, H, KVH, HD = 4096, 12288, 32, 8, 128
 
@@ -69,9 +75,16 @@ def attention_rows(cases: list[tuple[int, int]]) -> list[tuple]:
             "flash expanded": (SDPBackend.FLASH_ATTENTION, lambda: F.scaled_dot_product_attention(q_view, k_rep, v_rep)),
             "efficient expanded": (SDPBackend.EFFICIENT_ATTENTION, lambda: F.scaled_dot_product_attention(q_view, k_rep, v_rep)),
         }  # fmt: skip
+        if fa3_func is not None:  # native GQA in the (B, T, H, HD) layout the projections produce
+            k_bshd, v_bshd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+            variants["fa3"] = (None, lambda: fa3_func(q_bthd, k_bshd, v_bshd))
+            # the engine's layout: (B, H, T, hd) tensors passed as transposed views
+            variants["fa3, head-major views"] = (None, lambda: fa3_func(q_cont.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
+            variants["fa3, pack_gqa"] = (None, lambda: fa3_func(q_bthd, k_bshd, v_bshd, pack_gqa=True))
+            variants["fa3, no pack_gqa"] = (None, lambda: fa3_func(q_bthd, k_bshd, v_bshd, pack_gqa=False))
         for name, (backend, fn) in variants.items():
             try:
-                with sdpa_kernel([backend]):
+                with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
                     t = cuda_time(fn)
                 out.append((f"attn {name}", f"T={t_q} S={s_kv}", t * 1e3, flops / t / 1e12))
             except Exception as e:  # a backend that refuses the shape or the GQA layout
@@ -84,12 +97,16 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--blas", default="default", choices=["default", "cublas", "cublaslt"])
     ap.add_argument("--gemm-only", action="store_true")
+    ap.add_argument("--attention-only", action="store_true")
+    ap.add_argument("--attention-cases", default="4097x4417,4097x4118,7363x8121",
+                    help="query x key lengths, comma-separated")
     args = ap.parse_args()
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
-    rows = gemm_rows([4097, 8194, 14726, 32776])
+    rows = [] if args.attention_only else gemm_rows([4097, 8194, 14726, 32776])
     if not args.gemm_only:
-        rows += attention_rows([(4097, 4417), (4097, 4118), (7363, 8121)])
+        cases = [tuple(int(n) for n in c.split("x")) for c in args.attention_cases.split(",")]
+        rows += attention_rows(cases)
     gpu = torch.cuda.get_device_name()
     lines = [
         f"# Kernel timings on {gpu} (torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "

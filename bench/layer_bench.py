@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import cuda_time  # noqa: E402
 from hidream_serve.engine.checkpoint import load_config_dict  # noqa: E402
-from hidream_serve.engine.network import DecoderLayer, LayerKV  # noqa: E402
+from hidream_serve.engine.network import DecoderLayer, LayerKV, fa3_supports  # noqa: E402
 from hidream_serve.engine.pipeline import CompiledLayer, _generated_layer, attention_backends  # noqa: E402
 from hidream_serve.random_model import FULL_TEXT, FULL_VISION  # noqa: E402
 from hidream_serve.tiny import config_dict  # noqa: E402
@@ -38,6 +38,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--autotune", action="store_true")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--variants", default=None, help="comma-separated substrings of the variant names to run")
     args = ap.parse_args()
     cfg = load_config_dict(config_dict(FULL_TEXT, FULL_VISION)).text_config
     dev = torch.device("cuda")
@@ -48,16 +49,24 @@ def main() -> int:
     layer.self_attn.fuse(), layer.mlp.fuse()
     layer.self_attn.use_fused = layer.mlp.use_fused = True
     hd, kvh = cfg.head_dim, cfg.num_key_value_heads
-    variants = {
-        "eager": _generated_layer,
-        "compile, static sizes": torch.compile(_generated_layer, dynamic=False),
-        "compile, symbolic prefix": CompiledLayer(symbolic_shapes=False),
-        "compile, all sizes symbolic": CompiledLayer(symbolic_shapes=True),
+    variants = {  # name: (layer function, attention kernel)
+        "eager": (_generated_layer, "sdpa"),
+        "compile, static sizes": (torch.compile(_generated_layer, dynamic=False), "sdpa"),
+        "compile, symbolic prefix": (CompiledLayer(symbolic_shapes=False), "sdpa"),
+        "compile, all sizes symbolic": (CompiledLayer(symbolic_shapes=True), "sdpa"),
     }
+    if fa3_supports(dev, torch.bfloat16, cfg.head_dim):
+        variants["compile, all sizes symbolic, FlashAttention-3"] = (CompiledLayer("fa3"), "fa3")
+        # separate q/k/v or gate/up matmuls: other GEMM shapes, same math
+        variants["compile, all sizes symbolic, FlashAttention-3, unfused gate/up"] = (CompiledLayer("fa3"), "fa3", (True, False))
+        variants["compile, all sizes symbolic, FlashAttention-3, unfused q/k/v"] = (CompiledLayer("fa3"), "fa3", (False, True))
     if args.autotune:
-        variants["autotune"] = torch.compile(
+        variants["autotune"] = (torch.compile(
             _generated_layer, dynamic=False, mode="max-autotune-no-cudagraphs",
-        )
+        ), "sdpa")
+    if args.variants:
+        keep = args.variants.split(",")
+        variants = {k: v for k, v in variants.items() if any(s in k for s in keep)}
     print("| shape | variant | ms/layer | x36 ms | compile s |")
     print("|---|---|---|---|---|")
     for name in args.shapes.split(","):
@@ -67,11 +76,13 @@ def main() -> int:
         cos = torch.randn(n, g, hd, device=dev, dtype=torch.bfloat16)
         sin = torch.randn(n, g, hd, device=dev, dtype=torch.bfloat16)
         groups = [
-            LayerKV(torch.randn(1, kvh, p, hd, device=dev, dtype=torch.bfloat16),
-                    torch.randn(1, kvh, p, hd, device=dev, dtype=torch.bfloat16))
+            LayerKV(torch.randn(1, p, kvh, hd, device=dev, dtype=torch.bfloat16),
+                    torch.randn(1, p, kvh, hd, device=dev, dtype=torch.bfloat16))
             for p in prefixes
         ]  # fmt: skip
-        for vname, fn in variants.items():
+        for vname, (fn, kernel, *fused) in variants.items():
+            layer.self_attn.kernel = kernel
+            layer.self_attn.use_fused, layer.mlp.use_fused = fused[0] if fused else (True, True)
             torch._dynamo.reset()  # each variant compiles afresh (they share one function)
             with attention_backends(dev, "cudnn"), torch.no_grad():
                 t0 = time.perf_counter()

@@ -25,7 +25,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", default="dev", choices=["dev", "full"])
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--attention", default="cudnn", choices=["cudnn", "flash"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "fa3", "cudnn", "flash"])
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     pipe = random_full_pipeline("cuda", fuse=True, compile=not args.no_compile, attention=args.attention)
@@ -39,7 +39,7 @@ def main() -> int:
         pipe(params, [1])
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
-    print(f"recipe {args.recipe}, {steps} steps, compile {not args.no_compile}, attention {args.attention}")
+    print(f"recipe {args.recipe}, {steps} steps, compile {not args.no_compile}, attention {pipe.attention}")
     print(table)
     print_gpu_idle(prof)
     return 0

@@ -41,7 +41,9 @@ class EngineOptions(_Config):
     fuse: bool | None = Field(None, description="fused q/k/v and gate/up projections")
     compile: bool | None = Field(None, description="torch.compile the decoder layer (GPU; first call per shape "
                                  "compiles)")  # fmt: skip
-    attention: Literal["cudnn", "flash"] | None = Field(None, description="SDPA kernel preference")
+    attention: Literal["auto", "fa3", "cudnn", "flash"] | None = Field(
+        None, description="attention kernel: auto (FlashAttention-3 where built for the GPU, else cuDNN SDPA), "
+        "fa3, or an SDPA preference")
     warm_up_size: int | None = Field(None, ge=64, le=4096, description="at start, generate once at this edge "
                                      "size so compilation happens before the replica takes requests (with "
                                      "compile; the graphs then serve every size)")  # fmt: skip

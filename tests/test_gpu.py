@@ -49,3 +49,44 @@ def test_pruned_run_on_cuda_matches_cpu(tiny_dir, pipe):
     for x, y in ((a[0].image, b[0].image), (a[1].preview, b[1].preview)):
         diff = np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16))
         assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def _head_dim_128_layer():
+    from hidream_serve.engine.checkpoint import load_config_dict
+    from hidream_serve.engine.network import DecoderLayer
+    from hidream_serve.tiny import config_dict
+
+    text = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=128)
+    cfg = load_config_dict(config_dict(text)).text_config
+    torch.manual_seed(0)
+    layer = DecoderLayer(cfg).to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    for p in layer.parameters():
+        p.data.normal_(0, 0.05)
+    return layer, cfg
+
+
+def test_flash_attention_3_matches_sdpa():
+    """FlashAttention-3 (where built for this GPU) gives SDPA's outputs, causal prefix pass and generated pass."""
+    from hidream_serve.engine.network import LayerKV, fa3_supports
+
+    if not fa3_supports(torch.device("cuda"), torch.bfloat16, 128):
+        pytest.skip("FlashAttention-3 is not built for this GPU (scripts/build-fa3.sh)")
+    layer, cfg = _head_dim_128_layer()
+    dev, hd = "cuda", cfg.head_dim
+
+    def run(kernel):
+        layer.self_attn.kernel = kernel
+        g = torch.Generator(dev).manual_seed(1)
+        x = torch.randn(1, 37, cfg.hidden_size, device=dev, generator=g, dtype=torch.bfloat16)
+        cos, sin = torch.randn(2, 1, 37, hd, device=dev, generator=g, dtype=torch.bfloat16)
+        prefix, kv = layer.forward_prefix(x, cos, sin)
+        xg = torch.randn(4, 300, cfg.hidden_size, device=dev, generator=g, dtype=torch.bfloat16)
+        cg, sg = torch.randn(2, 4, 300, hd, device=dev, generator=g, dtype=torch.bfloat16)
+        short = LayerKV(kv.k[:, :20], kv.v[:, :20])  # two captions with prefixes of different lengths
+        gen = layer.forward_generated(xg, cg, sg, [kv, short], torch.arange(1, 300, device=dev))
+        return prefix.float(), gen.float()
+
+    with torch.no_grad():
+        for a, b in zip(run("fa3"), run("sdpa")):
+            rel = ((a - b).norm() / b.norm()).item()
+            assert rel < 1e-2, rel

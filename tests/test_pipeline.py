@@ -190,3 +190,14 @@ def test_compiled_layers_with_different_attention_do_not_share_graphs(tiny_dir):
         pipe(p, [1])
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] > graphs[0] and graphs[2] == graphs[1], graphs
+
+
+def test_attention_preference_is_resolved_and_checked(tiny_dir):
+    from hidream_serve.engine.pipeline import HiDreamPipeline
+
+    ck = HiDreamPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32)
+    assert ck.attention == "cudnn"  # "auto" without FlashAttention-3 for this device
+    with pytest.raises(ValueError, match="FlashAttention-3"):
+        HiDreamPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, attention="fa3")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        HiDreamPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, attention="xformers")

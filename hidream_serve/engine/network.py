@@ -24,6 +24,10 @@ try:  # optional GPU extra; PyTorch SDPA otherwise
     from flash_attn import flash_attn_func as _flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
     _flash_attn_func = None
+try:  # FlashAttention-3, Hopper only (scripts/build-fa3.sh)
+    from flash_attn_interface import flash_attn_func as _fa3_func
+except ImportError:  # pragma: no cover - depends on the machine
+    _fa3_func = None
 from transformers import Qwen3VLConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLTextRMSNorm,
@@ -42,8 +46,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, hd); cos/sin: (B, T, hd)
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    # x: (B, T, H, hd); cos/sin: (B, T, hd)
+    return x * cos.unsqueeze(2) + rotate_half(x) * sin.unsqueeze(2)
+
+
+def fa3_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether FlashAttention-3 is importable and built for this GPU, dtype and head size (a reduced build
+    such as scripts/build-fa3.sh's holds bf16 and head_dim 128 only)."""
+    if _fa3_func is None or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    try:
+        from flash_attn_config import CONFIG
+
+        flags = CONFIG["build_flags"]
+    except (ImportError, KeyError):
+        flags = {}
+    if flags.get(f"FLASHATTENTION_DISABLE_HDIM{head_dim}") or head_dim > 256:
+        return False
+    if dtype == torch.float16:
+        return not flags.get("FLASHATTENTION_DISABLE_FP16")
+    return dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- pixel heads
@@ -90,8 +112,8 @@ class FinalLayer(nn.Module):
 
 @dataclass
 class LayerKV:
-    k: torch.Tensor  # (1, KVH, P, hd), rope applied
-    v: torch.Tensor  # (1, KVH, P, hd)
+    k: torch.Tensor  # (1, P, KVH, hd), rope applied
+    v: torch.Tensor  # (1, P, KVH, hd)
 
 
 @dataclass
@@ -154,6 +176,7 @@ class TextAttention(nn.Module):
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
         self.use_fused = False
+        self.kernel = "sdpa"  # or "fa3": set through HiDreamO1.use_attention_kernel
 
     def fuse(self) -> None:
         """One matmul for q, k and v (inference only; the separate linears become views of it)."""
@@ -164,6 +187,7 @@ class TextAttention(nn.Module):
             self.qkv_bias = _fuse_linears([self.q_proj, self.k_proj, self.v_proj], attr="bias")
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Token-major q (B, T, H, hd), k and v (B, T, KVH, hd): the layout flash kernels read."""
         B, T, _ = x.shape
         hd = self.head_dim
         if self.use_fused:
@@ -172,17 +196,18 @@ class TextAttention(nn.Module):
             )
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = self.q_norm(q.view(B, T, self.n_heads, hd)).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_norm(k.view(B, T, self.n_kv, hd)).transpose(1, 2)  # (B, KVH, T, hd)
-        v = v.view(B, T, self.n_kv, hd).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q = self.q_norm(q.view(B, T, self.n_heads, hd))
+        k = self.k_norm(k.view(B, T, self.n_kv, hd))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(B, T, self.n_kv, hd)
 
     def attend(self, q, k, v, causal: bool) -> torch.Tensor:
-        # q: (B, H, T, hd); k, v: (B, KVH, S, hd)
-        B, _, T, _ = q.shape
+        # q: (B, T, H, hd); k, v: (B, S, KVH, hd)
+        B, T, _, _ = q.shape
+        if self.kernel == "fa3":  # native GQA
+            return self.o_proj(_fa3_func(q, k, v, causal=causal).reshape(B, T, -1))
         if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
-            return self.o_proj(out.reshape(B, T, -1))
+            return self.o_proj(_flash_attn_func(q, k, v, causal=causal).reshape(B, T, -1))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # head-major views for SDPA
         if q.is_cuda and self.n_kv != self.n_heads:
             # expanded heads keep PyTorch on a fast kernel whatever the GQA support of the build
             rep = self.n_heads // self.n_kv
@@ -221,13 +246,13 @@ class DecoderLayer(nn.Module):
         """
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
         if out_index is not None:
-            x, q = x.index_select(1, out_index), q.index_select(2, out_index)  # (N, G', D), (N, H, G', hd)
+            x, q = x.index_select(1, out_index), q.index_select(1, out_index)  # (N, G', D), (N, G', H, hd)
         outs = []
         n = x.shape[0] // len(prefixes)  # rows per group (sizes stay symbolic when compiled)
         for g, kv in enumerate(prefixes):
             rows = slice(g * n, (g + 1) * n)
-            k_all = torch.cat([kv.k.expand(n, -1, -1, -1), k[rows]], dim=2)  # (n, KVH, P+G, hd)
-            v_all = torch.cat([kv.v.expand(n, -1, -1, -1), v[rows]], dim=2)
+            k_all = torch.cat([kv.k.expand(n, -1, -1, -1), k[rows]], dim=1)  # (n, P+G, KVH, hd)
+            v_all = torch.cat([kv.v.expand(n, -1, -1, -1), v[rows]], dim=1)
             outs.append(self.self_attn.attend(q[rows], k_all, v_all, causal=False))
         x = x + torch.cat(outs, dim=0)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -314,6 +339,13 @@ class HiDreamO1(nn.Module):
                 if enabled:
                     mod.fuse()
                 mod.use_fused = enabled
+
+    def use_attention_kernel(self, kernel: str) -> None:
+        """"sdpa" (PyTorch, backend chosen by the caller's sdpa_kernel context) or "fa3" (see fa3_supports)."""
+        if kernel not in ("sdpa", "fa3"):
+            raise ValueError(f"attention kernel must be 'sdpa' or 'fa3', got {kernel!r}")
+        for layer in self.model.language_model.layers:
+            layer.self_attn.kernel = kernel
 
     def gen_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (N, G, hd) for the generated tokens; constant over a run, so computed once."""

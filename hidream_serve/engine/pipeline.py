@@ -21,7 +21,7 @@ from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .conditioning import Conditioning, ConditioningBuilder, check_reference_image
 from .errors import InvalidInput
 from .images import patches_to_uint8
-from .network import PrefixCache
+from .network import PrefixCache, fa3_supports
 from .noise import PrefetchedNoise, initial_noise
 from .params import GenerationParams, SamplerSettings, check_mode_inputs, resolve_sampler
 from .schedulers import make_scheduler
@@ -108,7 +108,22 @@ def noise_scale_schedule(start: float, end: float, n: int) -> list[float]:
 ATTENTION_ORDERS = {
     "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
     "flash": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "fa3": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),  # SDPA only where FA3 is not
 }
+
+
+def resolve_attention(attention: str, model) -> str:
+    """"auto": FlashAttention-3 where it is built for this GPU, dtype and head size, else cuDNN-first SDPA."""
+    choices = ["auto", *ATTENTION_ORDERS]
+    if attention not in choices:
+        raise ValueError(f"attention must be one of {choices}, got {attention!r}")
+    fa3 = fa3_supports(model.device, model.dtype, model.config.text_config.head_dim)
+    if attention == "auto":
+        return "fa3" if fa3 else "cudnn"
+    if attention == "fa3" and not fa3:
+        raise ValueError("attention 'fa3' needs FlashAttention-3 built for this GPU (Hopper), dtype and head size "
+                         "(scripts/build-fa3.sh)")
+    return attention
 
 
 @contextlib.contextmanager
@@ -155,8 +170,8 @@ class CompiledLayer:
     def __call__(self, layer, x, cos, sin, prefixes, out_index=None):
         mark = torch._dynamo.maybe_mark_dynamic
         for kv in prefixes:
-            mark(kv.k, 2)
-            mark(kv.v, 2)
+            mark(kv.k, 1)
+            mark(kv.v, 1)
         if self.symbolic_shapes:
             for t in (x, cos, sin):
                 mark(t, 0)
@@ -172,18 +187,23 @@ class HiDreamPipeline:
 
     def __init__(
         self, checkpoint: LoadedCheckpoint, max_batch: int = 4, fuse: bool = True, compile: bool = False,
-        attention: str = "cudnn",
+        attention: str = "auto",
     ):  # fmt: skip
-        if attention not in ATTENTION_ORDERS:
-            raise ValueError(f"attention must be one of {sorted(ATTENTION_ORDERS)}, got {attention!r}")
-        self.attention = attention
         self.model = checkpoint.model
+        self.attention = resolve_attention(attention, self.model)
         self.conditioning = ConditioningBuilder(checkpoint.tokenizer, self.model.config, checkpoint.vision_cfg)
         self.max_batch = max_batch
         self.model.fuse_projections(fuse)
         self.layer_fn = None
         if compile:
-            self.layer_fn = CompiledLayer(attention)
+            self.layer_fn = CompiledLayer(self.attention)
+
+    @contextlib.contextmanager
+    def _attention(self):
+        # set on every call: pipelines may share one model with different preferences (as the benchmark does)
+        self.model.use_attention_kernel("fa3" if self.attention == "fa3" else "sdpa")
+        with attention_backends(self.device, self.attention):
+            yield
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None, **options):
@@ -226,7 +246,7 @@ class HiDreamPipeline:
             image_embeds, deepstack = self.model.encode_images(
                 cond.vision.pixel_values.to(self.device), cond.vision.grid_thw.to(self.device)
             )
-        with attention_backends(self.device, self.attention):
+        with self._attention():
             prefixes = [
                 self.model.encode_prefix(
                     c.prefix_ids.to(self.device), c.prefix_positions.to(self.device), image_embeds, deepstack
@@ -317,6 +337,6 @@ class HiDreamPipeline:
         cos = torch.cat([c.expand(B, -1, -1) for c, _ in ropes])  # (n_caps*B, G, hd)
         sin = torch.cat([s.expand(B, -1, -1) for _, s in ropes])
         t = t_in.to(self.device).expand(n_caps * B)  # no copy when already there (the loop passes it so)
-        with attention_backends(self.device, self.attention):
+        with self._attention():
             x0 = self.model.denoise(t, patches, (cos, sin), prep.prefixes, prep.cond.target_len, self.layer_fn)
         return [x0[k * B : (k + 1) * B] for k in range(n_caps)]
