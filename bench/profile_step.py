@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import SIZE  # noqa: E402
+from bench_gpu import SIZE, load_refs  # noqa: E402
 
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
 from hidream_serve.random_model import random_full_pipeline  # noqa: E402
@@ -27,10 +27,16 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--attention", default="auto", choices=["auto", "fa3", "cudnn", "flash"])
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--skeleton", type=Path, default=None, metavar="ASSETS",
+                    help="profile skeleton6 (full recipe, the six IP_skeleton refs under ASSETS) instead of t2i")
     args = ap.parse_args()
     pipe = random_full_pipeline("cuda", fuse=True, compile=not args.no_compile, attention=args.attention)
     steps = 28 if args.recipe == "dev" else 4
     params = GenerationParams(mode="t2i", prompt="a fox", width=SIZE, height=SIZE, recipe=args.recipe, steps=steps)
+    if args.skeleton is not None:
+        names = ["0.face.jpg", "0.bg.jpg", "0.openpose.jpg", "0.part_1.jpg", "0.part_2.jpg", "0.part_3.jpg"]
+        params = GenerationParams(mode="skeleton", prompt="a woman", width=SIZE, height=SIZE, recipe="full", steps=4,
+                                  refs=load_refs(args.skeleton / "IP_skeleton", names))  # fmt: skip
     pipe(params, [1])  # warm-up / compile
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
@@ -39,7 +45,8 @@ def main() -> int:
         pipe(params, [1])
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
-    print(f"recipe {args.recipe}, {steps} steps, compile {not args.no_compile}, attention {pipe.attention}")
+    print(f"{params.mode}, recipe {params.recipe}, {params.steps} steps, compile {not args.no_compile}, "
+          f"attention {pipe.attention}")
     print(table)
     print_gpu_idle(prof)
     return 0
