@@ -201,3 +201,28 @@ def test_attention_preference_is_resolved_and_checked(tiny_dir):
         HiDreamPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, attention="fa3")
     with pytest.raises(ValueError, match="attention must be one of"):
         HiDreamPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, attention="xformers")
+
+
+def test_fa3_support_follows_the_build(monkeypatch):
+    """FlashAttention-3 counts as available only on Hopper, for the dtypes and head sizes its build holds."""
+    import sys
+    import types
+
+    from hidream_serve.engine import network
+
+    monkeypatch.setattr(network, "_fa3_func", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    config = types.ModuleType("flash_attn_config")  # what scripts/build-fa3.sh's build writes
+    flags = {f"FLASHATTENTION_DISABLE_HDIM{d}": d != 128 for d in (64, 96, 128, 192, 256)}
+    config.CONFIG = {"build_flags": {**flags, "FLASHATTENTION_DISABLE_FP16": True}}
+    monkeypatch.setitem(sys.modules, "flash_attn_config", config)
+    cuda = torch.device("cuda")
+    assert network.fa3_supports(cuda, torch.bfloat16, 128)
+    assert network.fa3_supports(cuda, torch.bfloat16, 16)  # runs on the 128 kernel
+    assert not network.fa3_supports(cuda, torch.bfloat16, 192)
+    assert not network.fa3_supports(cuda, torch.bfloat16, 20)  # not a multiple of 8
+    assert not network.fa3_supports(cuda, torch.float16, 128)
+    assert not network.fa3_supports(cuda, torch.float32, 128)
+    assert not network.fa3_supports(torch.device("cpu"), torch.bfloat16, 128)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not network.fa3_supports(cuda, torch.bfloat16, 128)

@@ -52,7 +52,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def fa3_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether FlashAttention-3 is importable and built for this GPU, dtype and head size (a reduced build
-    such as scripts/build-fa3.sh's holds bf16 and head_dim 128 only)."""
+    such as scripts/build-fa3.sh's holds bf16 kernels for head sizes up to 128 only)."""
     if _fa3_func is None or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return False
     try:
@@ -61,7 +61,9 @@ def fa3_supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> boo
         flags = CONFIG["build_flags"]
     except (ImportError, KeyError):
         flags = {}
-    if flags.get(f"FLASHATTENTION_DISABLE_HDIM{head_dim}") or head_dim > 256:
+    # a head size runs on the smallest built kernel at least as wide (FA3 rounds it up)
+    built = [d for d in (64, 96, 128, 192, 256) if not flags.get(f"FLASHATTENTION_DISABLE_HDIM{d}")]
+    if head_dim % 8 or not any(d >= head_dim for d in built):
         return False
     if dtype == torch.float16:
         return not flags.get("FLASHATTENTION_DISABLE_FP16")
