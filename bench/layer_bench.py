@@ -1,8 +1,9 @@
 """One full-size decoder layer over the generated tokens, at the benchmark's shapes: eager, torch.compile
-with static sizes, the pipeline's compiled layer (symbolic sizes), and torch.compile with GEMM autotuning (Triton templates vs cuBLAS, with prologue/epilogue fusion).
-Prints ms per layer and the implied ms per step (x36 layers).
+with static sizes, the pipeline's compiled layer (symbolic sizes), the same with FlashAttention-3 (where
+built) and fused or separate projections, and torch.compile with GEMM autotuning (Triton templates vs cuBLAS,
+with prologue/epilogue fusion). Prints ms per layer and the implied ms per step (x36 layers).
 
-    python bench/layer_bench.py [--autotune]
+    python bench/layer_bench.py [--autotune] [--shapes skeleton6,t2i_full] [--variants FlashAttention-3]
 """
 
 from __future__ import annotations
