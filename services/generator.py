@@ -61,7 +61,8 @@ class Generator:
         self._broken: str | None = None
         self._torch = torch
         self.scorer = scorer  # scores previews when a request asks for early pruning
-        log.info("%s loaded %s on %s in %.1fs", self.replica, self.path, self.device, time.perf_counter() - t0)
+        log.info("%s loaded %s on %s in %.1fs (attention %s)", self.replica, self.path, self.device,
+                 time.perf_counter() - t0, self.pipe.attention)  # fmt: skip
         if warm_up_size:
             secs = self.pipe.warm_up(warm_up_size, warm_up_size)
             log.info("%s warmed up at %dx%d in %.1fs", self.replica, warm_up_size, warm_up_size, secs)
