@@ -31,7 +31,7 @@ from hidream_serve.scoring.pruning import rank_key
 
 from .config import RouterConfig
 
-log = logging.getLogger("ray.serve.hidream.router")  # a child of Serve's logger: lands in the replica logs
+log = logging.getLogger("ray.serve.hidream.router")  # under Serve's logger: replica logs
 
 GenerateFn = Callable[[Any, list[int]], Awaitable[dict]]
 ScoreFn = Callable[[str, list[bytes]], Awaitable[dict]]

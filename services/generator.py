@@ -28,7 +28,7 @@ from hidream_serve.scoring.pruning import stage_steps, survivors
 from .config import GeneratorConfig, pick_device, pick_dtype, replica_name
 from .fanout import cancel_with_caller, score_context
 
-log = logging.getLogger("ray.serve.hidream.generator")  # a child of Serve's logger: lands in the replica logs
+log = logging.getLogger("ray.serve.hidream.generator")  # under Serve's logger: replica logs
 
 
 class GenerationCancelled(Exception):

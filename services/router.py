@@ -41,7 +41,7 @@ from hidream_serve.engine.params import DEV, FULL, MODES, RECIPES, SCHEDULERS
 from .config import RouterConfig
 from .fanout import best_of_n, cancel_with_caller, score_context
 
-log = logging.getLogger("ray.serve.hidream.router")  # a child of Serve's logger: lands in the replica logs
+log = logging.getLogger("ray.serve.hidream.router")  # under Serve's logger: replica logs
 
 app = FastAPI(title="hidream-serve", version="0.1.0",
               description="HiDream-O1-Image: every mode behind one HTTP API, best-of-N on Ray Serve")  # fmt: skip

@@ -23,7 +23,7 @@ from hidream_serve.embedded import optional_model_dir
 
 from .config import ScorerConfig, pick_device, pick_dtype, replica_name
 
-log = logging.getLogger("ray.serve.hidream.scorer")  # a child of Serve's logger: lands in the replica logs
+log = logging.getLogger("ray.serve.hidream.scorer")  # under Serve's logger: replica logs
 
 
 @serve.deployment(name="Scorer", max_ongoing_requests=4, ray_actor_options={"num_cpus": 1})
