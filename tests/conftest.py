@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,20 @@ def make_image(w: int, h: int, seed: int = 0) -> Image.Image:
         fx, fy, ph = rng.uniform(0.5, 4), rng.uniform(0.5, 4), rng.uniform(0, 6.28)
         chans.append(127.5 + 127.5 * np.sin(2 * np.pi * (fx * xx / w + fy * yy / h) + ph))
     return Image.fromarray(np.stack(chans, -1).astype(np.uint8))
+
+
+class FakeResponse:
+    """Stands in for a Ray Serve DeploymentResponse: awaitable after `seconds`, with cancel()."""
+
+    def __init__(self, value=None, seconds: float = 0.0):
+        self.value, self.seconds, self.cancelled = value, seconds, False
+
+    def __await__(self):
+        yield from asyncio.sleep(self.seconds).__await__()
+        return self.value
+
+    def cancel(self):
+        self.cancelled = True
 
 
 def pytest_collection_modifyitems(config, items):

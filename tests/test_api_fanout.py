@@ -10,6 +10,7 @@ from hidream_serve.api.errors import BadRequest, DeadlineExceeded, Unavailable
 from hidream_serve.engine.params import GenerationParams
 from services.config import RouterConfig
 from services.fanout import Scored, best_of_n, pick_winner, split_seeds
+from tests.conftest import FakeResponse
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from importing ray.serve
 
@@ -191,27 +192,13 @@ def test_pruned_candidates_keep_preview_scores_and_never_win():
 # -- cancellation reaches the replica (review item 3) --------------------------------------------------------
 
 
-class FakeResponse:
-    """Stands in for a Ray Serve DeploymentResponse: awaitable, with cancel()."""
-
-    def __init__(self, seconds: float, value=None):
-        self.seconds, self.value, self.cancelled = seconds, value, False
-
-    def __await__(self):
-        yield from asyncio.sleep(self.seconds).__await__()
-        return self.value
-
-    def cancel(self):
-        self.cancelled = True
-
-
 def test_a_generator_call_past_its_deadline_is_cancelled_on_the_replica():
     from services.fanout import cancel_with_caller
 
     responses = []
 
     async def generate(params, seeds):
-        responses.append(FakeResponse(10))
+        responses.append(FakeResponse(seconds=10))
         return await cancel_with_caller(responses[-1])
 
     with pytest.raises(DeadlineExceeded):
@@ -227,7 +214,7 @@ def test_a_sibling_failure_cancels_the_other_calls_on_their_replicas():
     async def generate(params, seeds):
         if seeds[0] == 3:
             raise Unavailable("queue full")
-        responses[seeds[0]] = FakeResponse(10)
+        responses[seeds[0]] = FakeResponse(seconds=10)
         return await cancel_with_caller(responses[seeds[0]])
 
     with pytest.raises(Unavailable):
@@ -238,5 +225,5 @@ def test_a_sibling_failure_cancels_the_other_calls_on_their_replicas():
 def test_a_finished_call_is_not_cancelled():
     from services.fanout import cancel_with_caller
 
-    r = FakeResponse(0, value={"ok": 1})
+    r = FakeResponse({"ok": 1})
     assert run(cancel_with_caller(r)) == {"ok": 1} and not r.cancelled

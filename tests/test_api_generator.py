@@ -8,6 +8,7 @@ import time
 import pytest
 
 from hidream_serve.engine.params import GenerationParams
+from tests.conftest import FakeResponse
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from importing ray.serve
 
@@ -37,18 +38,6 @@ class StepCounter:
             return on_step(state) if on_step is not None else None
 
         return self.pipe(params, seeds, on_step=hook)
-
-
-class FakeResponse:
-    def __init__(self, value, seconds=0.0):
-        self.value, self.seconds, self.cancelled = value, seconds, False
-
-    def __await__(self):
-        yield from asyncio.sleep(self.seconds).__await__()
-        return self.value
-
-    def cancel(self):
-        self.cancelled = True
 
 
 class FakeScorer:
