@@ -226,3 +226,36 @@ def test_fa3_support_follows_the_build(monkeypatch):
     assert not network.fa3_supports(torch.device("cpu"), torch.bfloat16, 128)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert not network.fa3_supports(cuda, torch.bfloat16, 128)
+
+
+def test_fa3_choice_routes_attention_and_does_not_leak_to_a_pipeline_sharing_the_model(tiny_dir, monkeypatch):
+    """With FlashAttention-3 available, `auto`/`fa3` pipelines call it and a `cudnn` pipeline on the same model
+    does not, whichever was made last (FA3 stood in for by SDPA, so the images agree)."""
+    import torch.nn.functional as F
+
+    from hidream_serve.engine import network, pipeline
+    from hidream_serve.engine.checkpoint import load_checkpoint
+
+    calls = []
+
+    def fake_fa3(q, k, v, causal=False):  # (B, T, H, hd) in and out, like FA3
+        calls.append(tuple(q.shape))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal, enable_gqa=True)  # fmt: skip
+        return out.transpose(1, 2)
+
+    monkeypatch.setattr(network, "_fa3_func", fake_fa3)
+    monkeypatch.setattr(pipeline, "fa3_supports", lambda *args: True)
+    ck = load_checkpoint(tiny_dir, "cpu", torch.float32)
+    sdpa = pipeline.HiDreamPipeline(ck, attention="cudnn")
+    fa3 = pipeline.HiDreamPipeline(ck, attention="fa3")
+    assert pipeline.HiDreamPipeline(ck).attention == "fa3"  # auto
+    p = GenerationParams(mode="t2i", prompt="a fox", width=64, height=64, exact_size=True, steps=2)
+    a = arr(sdpa(p, [1]).candidates[0].image)
+    assert calls == []
+    b = arr(fa3(p, [1]).candidates[0].image)
+    n = len(calls)
+    assert n > 0
+    c = arr(sdpa(p, [1]).candidates[0].image)
+    assert len(calls) == n
+    assert np.abs(a - b).max() <= 1 and np.array_equal(a, c)
