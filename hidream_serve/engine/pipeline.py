@@ -105,10 +105,11 @@ def noise_scale_schedule(start: float, end: float, n: int) -> list[float]:
     return [start + (end - start) * i / (n - 1) for i in range(n)]
 
 
-ATTENTION_ORDERS = {
-    "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+_CUDNN_FIRST = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+ATTENTION_ORDERS = {  # SDPA backend order per preference; with "fa3", SDPA runs only where FA3 does not
+    "cudnn": _CUDNN_FIRST,
     "flash": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
-    "fa3": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),  # SDPA only where FA3 is not
+    "fa3": _CUDNN_FIRST,
 }
 
 
