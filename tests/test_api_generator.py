@@ -151,3 +151,14 @@ def test_generator_output_is_what_the_router_reads(counted):
     gen, _ = counted
     out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=2), [5]))
     assert set(out) == {"replica", "candidates", "settings", "warnings", "busy_s"}
+
+
+def test_replica_start_is_logged_under_serves_logger_with_its_attention_kernel(tiny_dir, caplog):
+    """Serve writes the replica logs from its own logger; ours must sit under it or its info lines are lost."""
+    from ray.serve._private.constants import SERVE_LOGGER_NAME
+
+    with caplog.at_level("INFO", logger=SERVE_LOGGER_NAME):
+        generator_mod.Generator.func_or_class(str(tiny_dir), device="cpu", dtype="float32")
+    started = [r for r in caplog.records if "loaded" in r.getMessage()]
+    assert started and started[0].name.startswith(SERVE_LOGGER_NAME + ".")
+    assert "(attention cudnn)" in started[0].getMessage()
