@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import cuda_time  # noqa: E402
 
+from hidream_serve.engine import network  # noqa: E402
 from hidream_serve.engine.network import fa3_supports  # noqa: E402
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
-from hidream_serve.engine.pipeline import CompiledLayer, HiDreamPipeline, resolve_attention  # noqa: E402
+from hidream_serve.engine.pipeline import COMPILE_TUNING, CompiledLayer, HiDreamPipeline, resolve_attention  # noqa: E402
 from hidream_serve.random_model import make_pipeline, random_full_model, tokenizer_dir  # noqa: E402
 
 SIZE = 2048
@@ -245,7 +246,7 @@ def check_fast_matches_plain(plain: HiDreamPipeline, fast_attention: str, dev) -
     torch.cuda.empty_cache()
     a = predict(plain)
     plain.model.fuse_projections(True)
-    plain.attention, plain.layer_fn = fast_attention, CompiledLayer(fast_attention)
+    plain.attention, plain.layer_fn = fast_attention, CompiledLayer(fast_attention, options=COMPILE_TUNING)
     b = predict(plain)
     plain.attention, plain.layer_fn = "flash", None
     plain.model.fuse_projections(False)
@@ -273,6 +274,8 @@ def time_levers(model, tok_dir, base) -> dict:
         variants["fused + torch.compile + FlashAttention-3"] = dict(fuse=True, compile=True, attention="fa3")
         variants["fused q/k/v only + torch.compile + FlashAttention-3"] = dict(fuse=True, compile=True, attention="fa3",
                                                                                separate_gate_up=True)
+        variants["fused + torch.compile + FlashAttention-3, untuned compile"] = dict(
+            fuse=True, compile=True, attention="fa3", compile_tuning=False)
     for name, v in variants.items():
         try:
             torch._dynamo.reset()  # compiled graphs fix the attention kernel: trace each variant afresh
@@ -292,8 +295,6 @@ def time_levers(model, tok_dir, base) -> dict:
 
 
 def _has_flash_attn() -> bool:
-    from hidream_serve.engine import network
-
     return network._flash_attn_func is not None
 
 
@@ -306,7 +307,7 @@ def write_report(report: dict, out_dir: Path) -> None:
         "",
         f"Command: `{report['command']}`  ",
         f"torch {report['torch']}, flash-attn 2 {'yes' if report['flash_attn'] else 'no'}, "
-        f"torch.compile {'on' if report['compile'] else 'off'}, attention {report['attention']}, bf16 matmul ceiling {report['ceiling_tflops']} TFLOP/s, "
+        f"torch.compile {'on' if report['compile'] else 'off'} (kernel tuning on), attention {report['attention']}, bf16 matmul ceiling {report['ceiling_tflops']} TFLOP/s, "
         f"weights {report['weights_gib']} GiB. Fast path vs float32: {report['fast_vs_plain']['fast_bf16_vs_fp32']} "
         f"(plain bf16 vs float32: {report['fast_vs_plain']['plain_bf16_vs_fp32']}; within bf16 tolerance: {report['fast_vs_plain']['ok']})",
         "",

@@ -100,10 +100,11 @@ def main() -> int:
     ap.add_argument("--attention-only", action="store_true")
     ap.add_argument("--attention-cases", default="4097x4417,4097x4118,7363x8121",
                     help="query x key lengths, comma-separated")
+    ap.add_argument("--gemm-rows", default="4097,8194,14726,32776", help="GEMM M values, comma-separated")
     args = ap.parse_args()
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
-    rows = [] if args.attention_only else gemm_rows([4097, 8194, 14726, 32776])
+    rows = [] if args.attention_only else gemm_rows([int(m) for m in args.gemm_rows.split(",")])
     if not args.gemm_only:
         cases = [tuple(int(n) for n in c.split("x")) for c in args.attention_cases.split(",")]
         rows += attention_rows(cases)

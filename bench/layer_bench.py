@@ -1,9 +1,10 @@
 """One full-size decoder layer over the generated tokens, at the benchmark's shapes: eager, torch.compile
 with static sizes, the pipeline's compiled layer (symbolic sizes), the same with FlashAttention-3 (where
-built) and fused or separate projections, and torch.compile with GEMM autotuning (Triton templates vs cuBLAS,
-with prologue/epilogue fusion). Prints ms per layer and the implied ms per step (x36 layers).
+built): with and without Inductor's tuning of its generated kernels, fused or separate projections; and torch.compile with GEMM autotuning (Triton
+templates vs cuBLAS, with prologue/epilogue fusion). Prints ms per layer and the implied ms per step (x36).
 
     python bench/layer_bench.py [--autotune] [--shapes skeleton6,t2i_full] [--variants FlashAttention-3]
+                                [--exclude unfused] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main() -> int:
     ap.add_argument("--autotune", action="store_true")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--variants", default=None, help="comma-separated substrings of the variant names to run")
+    ap.add_argument("--exclude", default=None, help="comma-separated substrings of variant names to skip")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat all variants this many times, interleaved")
     args = ap.parse_args()
     cfg = load_config_dict(config_dict(FULL_TEXT, FULL_VISION)).text_config
     dev = torch.device("cuda")
@@ -50,24 +53,35 @@ def main() -> int:
     layer.self_attn.fuse(), layer.mlp.fuse()
     layer.self_attn.use_fused = layer.mlp.use_fused = True
     hd, kvh = cfg.head_dim, cfg.num_key_value_heads
-    variants = {  # name: (layer function, attention kernel)
-        "eager": (_generated_layer, "sdpa"),
-        "compile, static sizes": (torch.compile(_generated_layer, dynamic=False), "sdpa"),
-        "compile, symbolic prefix": (CompiledLayer(symbolic_shapes=False), "sdpa"),
-        "compile, all sizes symbolic": (CompiledLayer(symbolic_shapes=True), "sdpa"),
+    sdpa = dict(kernel="sdpa")
+    variants = {  # name: (layer function, settings of the layer: attention kernel, fused projections)
+        "eager": (_generated_layer, sdpa),
+        "compile, static sizes": (torch.compile(_generated_layer, dynamic=False), sdpa),
+        "compile, symbolic prefix": (CompiledLayer(symbolic_shapes=False), sdpa),
+        "compile, all sizes symbolic": (CompiledLayer(symbolic_shapes=True), sdpa),
     }
     if fa3_supports(dev, torch.bfloat16, cfg.head_dim):
-        variants["compile, all sizes symbolic, FlashAttention-3"] = (CompiledLayer("fa3"), "fa3")
+        fa3 = dict(kernel="fa3")
+        tuned = {"coordinate_descent_tuning": True}
+        name = "compile, all sizes symbolic, FlashAttention-3"
+        variants[name] = (CompiledLayer("fa3"), fa3)
+        # Inductor tuning the launch settings of the kernels it generates (what the pipeline does)
+        variants[f"{name}, tuned"] = (CompiledLayer("fa3", options=tuned), fa3)
+        variants[f"{name}, pointwise autotune"] = (
+            CompiledLayer("fa3", options={"max_autotune_pointwise": True, **tuned}), fa3)
         # separate q/k/v or gate/up matmuls: other GEMM shapes, same math
-        variants["compile, all sizes symbolic, FlashAttention-3, unfused gate/up"] = (CompiledLayer("fa3"), "fa3", (True, False))
-        variants["compile, all sizes symbolic, FlashAttention-3, unfused q/k/v"] = (CompiledLayer("fa3"), "fa3", (False, True))
+        variants[f"{name}, tuned, unfused gate/up"] = (CompiledLayer("fa3", options=tuned), {**fa3, "mlp_fused": False})
+        variants[f"{name}, tuned, unfused q/k/v"] = (CompiledLayer("fa3", options=tuned), {**fa3, "qkv_fused": False})
     if args.autotune:
         variants["autotune"] = (torch.compile(
             _generated_layer, dynamic=False, mode="max-autotune-no-cudagraphs",
-        ), "sdpa")
+        ), sdpa)
     if args.variants:
         keep = args.variants.split(",")
         variants = {k: v for k, v in variants.items() if any(s in k for s in keep)}
+    if args.exclude:
+        drop = args.exclude.split(",")
+        variants = {k: v for k, v in variants.items() if not any(s in k for s in drop)}
     print("| shape | variant | ms/layer | x36 ms | compile s |")
     print("|---|---|---|---|---|")
     for name in args.shapes.split(","):
@@ -81,18 +95,20 @@ def main() -> int:
                     torch.randn(1, p, kvh, hd, device=dev, dtype=torch.bfloat16))
             for p in prefixes
         ]  # fmt: skip
-        for vname, (fn, kernel, *fused) in variants.items():
-            layer.self_attn.kernel = kernel
-            layer.self_attn.use_fused, layer.mlp.use_fused = fused[0] if fused else (True, True)
-            torch._dynamo.reset()  # each variant compiles afresh (they share one function)
-            with attention_backends(dev, "cudnn"), torch.no_grad():
-                t0 = time.perf_counter()
-                fn(layer, x, cos, sin, groups)
-                torch.cuda.synchronize()
-                first = time.perf_counter() - t0
-                # several layers per timing, as in a step: the host runs ahead of the GPU
-                t = cuda_time(lambda: [fn(layer, x, cos, sin, groups) for _ in range(REPEAT)], reps=5) / REPEAT
-            print(f"| {name} | {vname} | {t * 1e3:.3f} | {t * 36e3:.1f} | {first:.1f} |", flush=True)
+        for _ in range(args.rounds):  # interleaved rounds: the GPU's clock drifts under its power cap
+            for vname, (fn, settings) in variants.items():
+                layer.self_attn.kernel = settings["kernel"]
+                layer.self_attn.use_fused = settings.get("qkv_fused", True)
+                layer.mlp.use_fused = settings.get("mlp_fused", True)
+                torch._dynamo.reset()  # each variant compiles afresh (they share one function)
+                with attention_backends(dev, "cudnn"), torch.no_grad():
+                    t0 = time.perf_counter()
+                    fn(layer, x, cos, sin, groups)
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - t0
+                    # several layers per timing, as in a step: the host runs ahead of the GPU
+                    t = cuda_time(lambda: [fn(layer, x, cos, sin, groups) for _ in range(REPEAT)], reps=5) / REPEAT
+                print(f"| {name} | {vname} | {t * 1e3:.3f} | {t * 36e3:.1f} | {first:.1f} |", flush=True)
     return 0
 
 

@@ -259,3 +259,13 @@ def test_fa3_choice_routes_attention_and_does_not_leak_to_a_pipeline_sharing_the
     c = arr(sdpa(p, [1]).candidates[0].image)
     assert len(calls) == n
     assert np.abs(a - b).max() <= 1 and np.array_equal(a, c)
+
+
+def test_compile_tuning_is_on_by_default_and_can_be_turned_off(tiny_dir):
+    from hidream_serve.engine.checkpoint import load_checkpoint
+    from hidream_serve.engine.pipeline import COMPILE_TUNING, HiDreamPipeline
+
+    ck = load_checkpoint(tiny_dir, "cpu", torch.float32)
+    assert HiDreamPipeline(ck, compile=True).layer_fn.options == COMPILE_TUNING
+    assert HiDreamPipeline(ck, compile=True, compile_tuning=False).layer_fn.options is None
+    assert HiDreamPipeline(ck).layer_fn is None

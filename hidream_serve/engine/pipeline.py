@@ -155,18 +155,24 @@ def _generated_layer(layer, x, cos, sin, prefixes, out_index=None, attention="cu
     return layer.forward_generated(x, cos, sin, prefixes, out_index)
 
 
+# Inductor options of `compile_tuning`: coordinate descent over the launch settings (block sizes, warps) of
+# the kernels Inductor generates, timed on the GPU while compiling
+COMPILE_TUNING = {"coordinate_descent_tuning": True}
+
+
 class CompiledLayer:
     """`DecoderLayer.forward_generated` through torch.compile. The prefix length (it changes with every
     prompt) is always a symbolic size; with `symbolic_shapes`, so are the candidates, the generated tokens
     and the target length, and a service compiles a handful of graphs once (with and without CFG, last layer
     or not, one candidate or more) instead of one per image size and batch."""
 
-    def __init__(self, attention: str = "cudnn", symbolic_shapes: bool = True):
+    def __init__(self, attention: str = "cudnn", symbolic_shapes: bool = True, options: dict | None = None):
         self.attention = attention
         self.symbolic_shapes = symbolic_shapes
         # static shapes compile one graph per (batch, tokens): a service sees many over its life
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.fn = torch.compile(_generated_layer, dynamic=False)
+        self.options = options  # Inductor config
+        self.fn = torch.compile(_generated_layer, dynamic=False, options=options)
 
     def __call__(self, layer, x, cos, sin, prefixes, out_index=None):
         mark = torch._dynamo.maybe_mark_dynamic
@@ -184,11 +190,13 @@ class CompiledLayer:
 
 class HiDreamPipeline:
     """Engine entry point. `max_batch` candidates denoise together (CFG doubles the rows); `fuse` merges
-    q/k/v and gate/up matmuls; `compile` runs the decoder layer through torch.compile (GPU)."""
+    q/k/v and gate/up matmuls; `compile` runs the decoder layer through torch.compile (GPU), and
+    `compile_tuning` has Inductor tune the launch settings of the kernels it generates (norms, rope, SiLU gate)
+    while compiling: slower compiles, faster steps (bench/results)."""
 
     def __init__(
         self, checkpoint: LoadedCheckpoint, max_batch: int = 4, fuse: bool = True, compile: bool = False,
-        attention: str = "auto",
+        attention: str = "auto", compile_tuning: bool = True,
     ):  # fmt: skip
         self.model = checkpoint.model
         self.attention = resolve_attention(attention, self.model)
@@ -197,7 +205,7 @@ class HiDreamPipeline:
         self.model.fuse_projections(fuse)
         self.layer_fn = None
         if compile:
-            self.layer_fn = CompiledLayer(self.attention)
+            self.layer_fn = CompiledLayer(self.attention, options=COMPILE_TUNING if compile_tuning else None)
 
     @contextlib.contextmanager
     def _attention(self):
