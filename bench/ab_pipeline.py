@@ -2,12 +2,13 @@
 variant in turn, for several interleaved rounds. Under the GPU's power cap the clock drifts by a few percent
 between minutes and between machines, so settings are compared only within one run, round by round.
 
-    python bench/ab_pipeline.py --assets ../shared/assets [--cases skeleton6,t2i_full] [--rounds 3]
+    python bench/ab_pipeline.py --assets ../shared/assets [--cases skeleton6,t2i_full] [--rounds 3] [--out F]
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 from dataclasses import replace
@@ -37,6 +38,7 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
     args = ap.parse_args()
     dev = torch.device("cuda")
     model, _ = random_full_model(dev)
@@ -59,10 +61,21 @@ def main() -> int:
                 _, timer, _, _ = run_case(pipe, params, [42])
                 times[(c, v)].append(timer.s_per_step())
                 print(f"round {r} {c:10s} {v:20s} {times[(c, v)][-1]:.4f} s/step", flush=True)
-    print("\n| case | variant | s/step, median of rounds | rounds |")
-    print("|---|---|---|---|")
+    lines = [
+        f"# Whole-run A/B on {torch.cuda.get_device_name()} (torch {torch.__version__}), {args.steps} steps per run",
+        "",
+        f"Command: `python {shlex.join(sys.argv)}`",
+        "",
+        "| case | variant | s/step, median of rounds | rounds |",
+        "|---|---|---|---|",
+    ]
     for (c, v), ts in times.items():
-        print(f"| {c} | {v} | {statistics.median(ts):.4f} | {', '.join(f'{t:.4f}' for t in ts)} |")
+        lines.append(f"| {c} | {v} | {statistics.median(ts):.4f} | {', '.join(f'{t:.4f}' for t in ts)} |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
     return 0
 
 
