@@ -30,7 +30,12 @@ from kernels import cuda_time  # noqa: E402
 from hidream_serve.engine import network  # noqa: E402
 from hidream_serve.engine.network import fa3_supports  # noqa: E402
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
-from hidream_serve.engine.pipeline import COMPILE_TUNING, CompiledLayer, HiDreamPipeline, resolve_attention  # noqa: E402
+from hidream_serve.engine.pipeline import (  # noqa: E402
+    COMPILE_TUNING,
+    CompiledLayer,
+    HiDreamPipeline,
+    resolve_attention,
+)
 from hidream_serve.random_model import make_pipeline, random_full_model, tokenizer_dir  # noqa: E402
 
 SIZE = 2048
@@ -307,7 +312,8 @@ def write_report(report: dict, out_dir: Path) -> None:
         "",
         f"Command: `{report['command']}`  ",
         f"torch {report['torch']}, flash-attn 2 {'yes' if report['flash_attn'] else 'no'}, "
-        f"torch.compile {'on' if report['compile'] else 'off'} (kernel tuning on), attention {report['attention']}, bf16 matmul ceiling {report['ceiling_tflops']} TFLOP/s, "
+        f"torch.compile {'on, kernel tuning on' if report['compile'] else 'off'}, attention {report['attention']}, "
+        f"bf16 matmul ceiling {report['ceiling_tflops']} TFLOP/s, "
         f"weights {report['weights_gib']} GiB. Fast path vs float32: {report['fast_vs_plain']['fast_bf16_vs_fp32']} "
         f"(plain bf16 vs float32: {report['fast_vs_plain']['plain_bf16_vs_fp32']}; within bf16 tolerance: {report['fast_vs_plain']['ok']})",
         "",

@@ -1,7 +1,8 @@
 """One full-size decoder layer over the generated tokens, at the benchmark's shapes: eager, torch.compile
 with static sizes, the pipeline's compiled layer (symbolic sizes), the same with FlashAttention-3 (where
-built): with and without Inductor's tuning of its generated kernels, fused or separate projections; and torch.compile with GEMM autotuning (Triton
-templates vs cuBLAS, with prologue/epilogue fusion). Prints ms per layer and the implied ms per step (x36).
+built): with and without Inductor's tuning of its generated kernels, fused or separate projections; and
+torch.compile with GEMM autotuning (Triton templates vs cuBLAS, with prologue/epilogue fusion). Prints ms
+per layer and the implied ms per step (x36 layers).
 
     python bench/layer_bench.py [--autotune] [--shapes skeleton6,t2i_full] [--variants FlashAttention-3]
                                 [--exclude unfused] [--rounds 2]
@@ -22,7 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import cuda_time  # noqa: E402
 from hidream_serve.engine.checkpoint import load_config_dict  # noqa: E402
 from hidream_serve.engine.network import DecoderLayer, LayerKV, fa3_supports  # noqa: E402
-from hidream_serve.engine.pipeline import CompiledLayer, _generated_layer, attention_backends  # noqa: E402
+from hidream_serve.engine.pipeline import (  # noqa: E402
+    COMPILE_TUNING,
+    CompiledLayer,
+    _generated_layer,
+    attention_backends,
+)
 from hidream_serve.random_model import FULL_TEXT, FULL_VISION  # noqa: E402
 from hidream_serve.tiny import config_dict  # noqa: E402
 
@@ -62,7 +68,7 @@ def main() -> int:
     }
     if fa3_supports(dev, torch.bfloat16, cfg.head_dim):
         fa3 = dict(kernel="fa3")
-        tuned = {"coordinate_descent_tuning": True}
+        tuned = COMPILE_TUNING
         name = "compile, all sizes symbolic, FlashAttention-3"
         variants[name] = (CompiledLayer("fa3"), fa3)
         # Inductor tuning the launch settings of the kernels it generates (what the pipeline does)
