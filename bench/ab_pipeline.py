@@ -19,12 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import PROMPT, SIZE, WARM_STEPS, load_refs, run_case  # noqa: E402
+from bench_gpu import PROMPT, SIZE, SKELETON_REFS, WARM_STEPS, load_refs, run_case  # noqa: E402
 
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
 from hidream_serve.random_model import make_pipeline, random_full_model, tokenizer_dir  # noqa: E402
 
-SKELETON = ["0.face.jpg", "0.bg.jpg", "0.openpose.jpg", "0.part_1.jpg", "0.part_2.jpg", "0.part_3.jpg"]
 VARIANTS = {  # name: pipeline options
     "default": {},
     "untuned compile": {"compile_tuning": False},
@@ -45,7 +44,7 @@ def main() -> int:
     tok_dir = tokenizer_dir()
     base = dict(prompt=PROMPT, width=SIZE, height=SIZE, steps=args.steps)
     cases = {
-        "skeleton6": dict(mode="skeleton", refs=load_refs(args.assets / "IP_skeleton", SKELETON)),
+        "skeleton6": dict(mode="skeleton", refs=load_refs(args.assets / "IP_skeleton", SKELETON_REFS)),
         "t2i_full": dict(mode="t2i", recipe="full"),
         "dev_t2i": dict(mode="t2i", recipe="dev"),
     }

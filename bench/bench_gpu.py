@@ -39,6 +39,8 @@ from hidream_serve.engine.pipeline import (  # noqa: E402
 from hidream_serve.random_model import make_pipeline, random_full_model, tokenizer_dir  # noqa: E402
 
 SIZE = 2048
+# skeleton6: face, background, pose and three garments from the official examples (assets/IP_skeleton)
+SKELETON_REFS = ["0.face.jpg", "0.bg.jpg", "0.openpose.jpg", "0.part_1.jpg", "0.part_2.jpg", "0.part_3.jpg"]
 WARM_STEPS = 4  # enough to pass every scheduler path once (UniPC's order-2 corrector starts at step 3)
 PROMPT = (
     "medium shot, eye-level, front view. A woman is seated in an ornate bedroom, illuminated by candlelight, "
@@ -152,12 +154,11 @@ def main() -> int:
     fast = make_pipeline(model, tok_dir, max_batch=8, fuse=True, compile=not args.no_compile, attention=args.attention)
 
     per_step_steps = 4 if args.quick else 8
-    skeleton = ["0.face.jpg", "0.bg.jpg", "0.openpose.jpg", "0.part_1.jpg", "0.part_2.jpg", "0.part_3.jpg"]
     base = dict(prompt=PROMPT, width=SIZE, height=SIZE)
     cases_spec = {
         "t2i_full": (dict(mode="t2i", recipe="full"), [42], None),
         "dev_t2i": (dict(mode="t2i", recipe="dev"), [42], None),
-        "skeleton6": (dict(mode="skeleton", refs=load_refs(args.assets / "IP_skeleton", skeleton),
+        "skeleton6": (dict(mode="skeleton", refs=load_refs(args.assets / "IP_skeleton", SKELETON_REFS),
                            steps=per_step_steps), [42], None),
         "ip10": (dict(mode="ip", refs=load_refs(args.assets / "IP", [f"{i}.jpg" for i in range(1, 11)]),
                       steps=per_step_steps), [42], None),

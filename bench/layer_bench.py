@@ -68,16 +68,16 @@ def main() -> int:
     }
     if fa3_supports(dev, torch.bfloat16, cfg.head_dim):
         fa3 = dict(kernel="fa3")
-        tuned = COMPILE_TUNING
         name = "compile, all sizes symbolic, FlashAttention-3"
         variants[name] = (CompiledLayer("fa3"), fa3)
         # Inductor tuning the launch settings of the kernels it generates (what the pipeline does)
-        variants[f"{name}, tuned"] = (CompiledLayer("fa3", options=tuned), fa3)
+        variants[f"{name}, tuned"] = (CompiledLayer("fa3", options=COMPILE_TUNING), fa3)
         variants[f"{name}, pointwise autotune"] = (
-            CompiledLayer("fa3", options={"max_autotune_pointwise": True, **tuned}), fa3)
+            CompiledLayer("fa3", options={"max_autotune_pointwise": True, **COMPILE_TUNING}), fa3)
         # separate q/k/v or gate/up matmuls: other GEMM shapes, same math
-        variants[f"{name}, tuned, unfused gate/up"] = (CompiledLayer("fa3", options=tuned), {**fa3, "mlp_fused": False})
-        variants[f"{name}, tuned, unfused q/k/v"] = (CompiledLayer("fa3", options=tuned), {**fa3, "qkv_fused": False})
+        for part, flag in (("gate/up", "mlp_fused"), ("q/k/v", "qkv_fused")):
+            compiled = CompiledLayer("fa3", options=COMPILE_TUNING)
+            variants[f"{name}, tuned, unfused {part}"] = (compiled, {**fa3, flag: False})
     if args.autotune:
         variants["autotune"] = (torch.compile(
             _generated_layer, dynamic=False, mode="max-autotune-no-cudagraphs",

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import SIZE, load_refs  # noqa: E402
+from bench_gpu import SIZE, SKELETON_REFS, load_refs  # noqa: E402
 
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
 from hidream_serve.random_model import random_full_pipeline  # noqa: E402
@@ -34,9 +34,8 @@ def main() -> int:
     steps = 28 if args.recipe == "dev" else 4
     params = GenerationParams(mode="t2i", prompt="a fox", width=SIZE, height=SIZE, recipe=args.recipe, steps=steps)
     if args.skeleton is not None:
-        names = ["0.face.jpg", "0.bg.jpg", "0.openpose.jpg", "0.part_1.jpg", "0.part_2.jpg", "0.part_3.jpg"]
         params = GenerationParams(mode="skeleton", prompt="a woman", width=SIZE, height=SIZE, recipe="full", steps=4,
-                                  refs=load_refs(args.skeleton / "IP_skeleton", names))  # fmt: skip
+                                  refs=load_refs(args.skeleton / "IP_skeleton", SKELETON_REFS))  # fmt: skip
     pipe(params, [1])  # warm-up / compile
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
