@@ -13,8 +13,8 @@ import json
 
 import numpy as np
 import pytest
-from _images import b64, noise_image, solid_image
-from _serve import running_service
+from tests._images import b64, noise_image, solid_image
+from tests._serve import running_service
 from PIL import Image
 
 ray = pytest.importorskip("ray")

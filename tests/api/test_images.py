@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from _images import b64, encode, noise_image, solid_image
+from tests._images import b64, encode, noise_image, solid_image
 from PIL import Image
 
 from hidream_serve.api.images import decode_image, encode_png, png_text

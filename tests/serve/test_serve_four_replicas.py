@@ -4,7 +4,7 @@ multi-GPU scaling measurement, which needs a multi-GPU machine)."""
 from __future__ import annotations
 
 import pytest
-from _serve import running_service
+from tests._serve import running_service
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _images import noise_image
+from tests._images import noise_image
 
 from hidream_serve.calibrate import average_ranks, calibrate, load_cases, spearman, winner_index
 
@@ -62,7 +62,7 @@ def test_calibrate_pruning_cli_end_to_end_on_the_embedded_tiny_model(tmp_path, m
         assert all(len(s["composite"]) == 4 for s in case["steps"])
 
     # model, scorers and weights from a serve YAML; the options override it
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
     rc = main(["calibrate-pruning", "--serve-config", str(root / "deploy" / "local.yaml"), "--width", "64",
                "--height", "64", "--steps", "2", "--seeds", "2", "--max-prompts", "1", "--dino", "none",
                "--weights", '{"t2i": {"pickscore": 0}}', "--out", str(tmp_path / "b.md")])  # fmt: skip

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from _images import noise_image, solid_image
+from tests._images import noise_image, solid_image
 
 from hidream_serve.embedded import ensure_embedded
 from hidream_serve.scoring.clip import ClipScorer, ScorerLoadError, load_image_processor, pixel_values, write_tiny_clip

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from _images import noise_image, solid_image
+from tests._images import noise_image, solid_image
 from PIL import Image, ImageFilter
 
 from hidream_serve.scoring.clip import ClipEmbedder, ClipScorer, load_image_processor, pixel_values, write_tiny_clip

@@ -11,7 +11,7 @@ import torch
 
 from hidream_serve.engine.schedulers import Scheduler, make_scheduler
 
-GOLDEN = np.load(Path(__file__).parent / "data" / "scheduler_golden.npz")
+GOLDEN = np.load(Path(__file__).parents[1] / "data" / "scheduler_golden.npz")
 CASES = {c["key"]: c for c in json.loads(str(GOLDEN["cases_json"]))}
 
 

@@ -21,7 +21,7 @@ from ray.serve.schema import ServeDeploySchema
 from services.app import AppArgs
 from services.config import GeneratorConfig, RouterConfig, ScorerConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FILES = [ROOT / "deploy" / "serve_config.yaml", ROOT / "deploy" / "local.yaml"]
 USER_CONFIGS = {"Router": RouterConfig, "Generator": GeneratorConfig, "Scorer": ScorerConfig}
 

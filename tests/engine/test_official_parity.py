@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-DATA = Path(__file__).resolve().parent / "data" / "official_golden"
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+DATA = Path(__file__).resolve().parents[1] / "data" / "official_golden"
+ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
 MANIFEST = json.loads((DATA / "manifest.json").read_text(encoding="utf-8"))
 CASES = MANIFEST["cases"]
 

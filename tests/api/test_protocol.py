@@ -6,7 +6,7 @@ import json
 import pickle
 
 import pytest
-from _images import b64, noise_image, solid_image
+from tests._images import b64, noise_image, solid_image
 from pydantic import ValidationError
 
 from hidream_serve.api.checks import precheck
