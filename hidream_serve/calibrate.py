@@ -114,7 +114,7 @@ def calibrate(pipe, scorer, cases: list[Case], seeds: list[int], *, width: int, 
               log=print) -> dict:  # fmt: skip
     """Run every case, return {"rows": per-step summary, "cases": per-case detail, "warnings": [...]}."""
     from .engine.params import GenerationParams
-    from .scoring.composite import ScoreContext
+    from .scoring.context import ScoreContext
 
     warnings: list[str] = []
     detail = []

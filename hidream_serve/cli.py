@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .engine.errors import EngineError
-from .engine.params import MODES, RECIPES, SCHEDULERS
+from .vocabulary import MODES, RECIPES, SCHEDULERS
 
 DTYPES = ("float32", "bfloat16")  # torch dtype names
 

@@ -32,7 +32,9 @@ from hidream_serve.engine.params import recipe_for
 from hidream_serve.engine.resolution import resolve_size
 
 from .config import EngineOptions, GeneratorConfig, RouterConfig, ScorerConfig
+from .fanout import group_size
 from .generator import Generator
+from .messages import AppInfo
 from .router import Router
 from .scorer import Scorer
 
@@ -67,6 +69,22 @@ class AppArgs(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig, description="Router user_config (seeds_per_call...)")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="Generator user_config")
     scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="Scorer user_config")
+
+    @model_validator(mode="after")
+    def _pruning_can_rank(self) -> "AppArgs":
+        """Pruning ranks the candidates of one engine batch, and a pruning request's seeds go to the
+        generators in groups of max(seeds_per_call, prune_group_size): a group must fit one batch and hold
+        at least two candidates, else some candidates could never be compared."""
+        r, g = self.router, self.generator
+        size = group_size(r, pruning=True)
+        if r.prune_group_size < 2:
+            raise ValueError(f"router.prune_group_size = {r.prune_group_size}: pruning needs at least 2 candidates "
+                             "per group to rank")  # fmt: skip
+        if size > g.max_batch:
+            raise ValueError(f"a pruning group of max(router.seeds_per_call, router.prune_group_size) = {size} seeds "
+                             f"is more than generator.max_batch = {g.max_batch} (the candidates one batch ranks); "
+                             "raise generator.max_batch or lower those")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "AppArgs":
@@ -123,11 +141,9 @@ def assemble(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) ->
     gen = Generator.options(user_config=args.generator.model_dump(), **options.get("Generator", {}))
     engine = args.engine.model_dump(exclude_none=True)
     generator = gen.bind(model, args.device, args.dtype, scorer, engine)  # scorer handle: preview pruning
-    info = {
-        "model": model, "model_name": _display_name(model), "scorer": specs["clip"] if scorer_on else None,
-        "scorers": {k: specs[k] for k in ("pickscore", "clip", "dino")} if scorer_on else None,
-        "limits": args.limits.model_dump(), "defaults": args.defaults.model_dump(),
-    }  # fmt: skip
+    info = AppInfo(model=model, model_name=_display_name(model),
+                   scorers={k: specs[k] for k in ("pickscore", "clip", "dino")} if scorer_on else None,
+                   limits=args.limits, defaults=args.defaults)  # fmt: skip
     router = Router.options(user_config=args.router.model_dump(), **options.get("Router", {}))
     return router.bind(generator, scorer, info)
 

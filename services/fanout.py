@@ -24,17 +24,18 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from hidream_serve.api.errors import BadRequest, ServiceError, Unavailable, classify
+from hidream_serve.engine.params import GenerationParams
 from hidream_serve.scoring.pruning import rank_key
 
 from .config import RouterConfig
+from .messages import GroupResult, ScoreResult
 
 log = logging.getLogger("ray.serve.hidream.router")  # under Serve's logger: replica logs
 
-GenerateFn = Callable[[Any, list[int]], Awaitable[dict]]
-ScoreFn = Callable[[str, list[bytes]], Awaitable[dict]]
+GenerateFn = Callable[[GenerationParams, list[int]], Awaitable[GroupResult]]
+ScoreFn = Callable[[str, list[bytes]], Awaitable[ScoreResult]]
 
 
 @dataclass
@@ -45,7 +46,20 @@ class Scored:
     steps_computed: int = 0
     pruned_at_step: int | None = None
     score: float | None = None
-    scores: dict[str, float] | None = None
+    scores: dict[str, dict] | None = None
+
+
+@dataclass
+class GroupRun:
+    """One group's call as the router saw it: its result and wall time (queueing and transfers included)."""
+
+    seeds: list[int]
+    result: GroupResult
+    wall_s: float
+
+    @property
+    def queued_s(self) -> float:
+        return max(0.0, self.wall_s - self.result.timings.busy_s)
 
 
 @dataclass
@@ -55,7 +69,7 @@ class Outcome:
     scored: bool
     settings: dict
     warnings: list[str]
-    groups: list[dict]
+    groups: list[GroupRun]
     scorer: str | None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -71,29 +85,6 @@ async def cancel_with_caller(response):
         raise
 
 
-def score_context(params) -> dict:
-    """What the scorer judges candidates against besides the prompt: the mode, the user's refs (never the
-    layout picture the engine draws) and their roles."""
-    return {"mode": params.mode, "refs": list(params.refs), "roles": list(params.ref_roles)}
-
-
-def normalize_breakdown(b: dict | None) -> dict[str, dict] | None:
-    """A scorer's per-candidate breakdown as {scorer: {raw, z, weight}}; a bare number is a raw score."""
-    if not b:
-        return None
-
-    def num(v):
-        return float(v) if v is not None and math.isfinite(float(v)) else None
-
-    out = {}
-    for k, v in b.items():
-        if isinstance(v, dict):
-            out[k] = {"raw": num(v.get("raw")), "z": num(v.get("z")), "weight": num(v.get("weight"))}
-        else:
-            out[k] = {"raw": num(v), "z": None, "weight": None}
-    return out
-
-
 def split_seeds(seeds: list[int], per_call: int) -> list[list[int]]:
     """Groups of at most `per_call` seeds, sizes as even as possible (5 by 2 -> 2, 2, 1)."""
     n_groups = math.ceil(len(seeds) / per_call)
@@ -106,6 +97,11 @@ def split_seeds(seeds: list[int], per_call: int) -> list[list[int]]:
     return groups
 
 
+def group_size(config: RouterConfig, pruning: bool) -> int:
+    """Seeds per generator call: pruning ranks the candidates of one call, so it needs larger groups."""
+    return max(config.seeds_per_call, config.prune_group_size) if pruning else config.seeds_per_call
+
+
 def pick_winner(cands: list[Scored]) -> Scored:
     finished = [c for c in cands if c.png is not None and c.pruned_at_step is None] or cands
     scored = [c for c in finished if c.score is not None]
@@ -114,19 +110,19 @@ def pick_winner(cands: list[Scored]) -> Scored:
     return min(scored, key=lambda c: rank_key(c.score, c.seed))
 
 
-async def best_of_n(params, seeds: list[int], generate: GenerateFn, score: ScoreFn | None,
-                    config: RouterConfig, pruning: bool = False) -> Outcome:  # fmt: skip
-    warnings: list[str] = []
-    per_call = max(config.seeds_per_call, config.prune_group_size) if pruning else config.seeds_per_call
-    groups = split_seeds(seeds, per_call)
+def _add(warnings: list[str], new) -> None:
+    warnings.extend(w for w in new if w not in warnings)
 
-    # -- generate: all groups at once; each group is one batch on one replica -----------------------
-    t0 = time.perf_counter()
 
-    async def one(group: list[int]) -> tuple[dict, float]:
+async def generate_groups(params: GenerationParams, groups: list[list[int]], generate: GenerateFn,
+                          config: RouterConfig, warnings: list[str]) -> list[GroupRun]:  # fmt: skip
+    """Every group at once, one call each. Bad input or back-pressure on any group fails the request (and
+    cancels the rest); any other failure drops that group's seeds with a warning, unless all failed."""
+
+    async def one(group: list[int]) -> GroupRun:
         start = time.perf_counter()
-        out = await asyncio.wait_for(generate(params, group), config.generate_timeout_s)
-        return out, time.perf_counter() - start
+        result = await asyncio.wait_for(generate(params, group), config.generate_timeout_s)
+        return GroupRun(group, result, time.perf_counter() - start)
 
     tasks = [asyncio.ensure_future(one(g)) for g in groups]
     try:
@@ -136,87 +132,83 @@ async def best_of_n(params, seeds: list[int], generate: GenerateFn, score: Score
             for t in done:
                 if t.exception() is not None:
                     err = classify(t.exception(), config.retry_after_s)
-                    # bad input fails every group alike; back-pressure means retry the whole request later
-                    if isinstance(err, (BadRequest, Unavailable)):
+                    if isinstance(err, (BadRequest, Unavailable)):  # the same for every group / retry later
                         raise err from None
     finally:
         for t in tasks:
             if not t.done():
                 t.cancel()  # with `cancel_with_caller`: cancels the queued or running work on the replica
-    t_gen = time.perf_counter() - t0
-    results = [t.exception() or t.result() for t in tasks]
-    errors = [(g, r) for g, r in zip(groups, results) if isinstance(r, BaseException)]
-    if len(errors) == len(groups):
-        raise classify(errors[0][1], config.retry_after_s)
-    for g, r in errors:
-        err = classify(r)
+    failed = [(g, t.exception()) for g, t in zip(groups, tasks) if t.exception() is not None]
+    if len(failed) == len(groups):
+        raise classify(failed[0][1], config.retry_after_s)
+    for g, e in failed:
+        err = classify(e)
         log.warning("seeds %s failed: %s", g, err.message)
         warnings.append(f"seeds {g} were not generated: {err.message}")
+    return [t.result() for t in tasks if t.exception() is None]
 
-    candidates: list[Scored] = []
-    group_info: list[dict] = []
-    settings: dict = {}
-    for g, r in zip(groups, results):
-        if isinstance(r, BaseException):
-            continue
-        out, wall = r
-        settings = settings or out["settings"]
-        for w in out.get("warnings", []):
-            if w not in warnings:
-                warnings.append(w)
-        busy = float(out.get("busy_s", wall))
-        group_info.append({"replica": out["replica"], "seeds": g, "queued": max(0.0, wall - busy), "seconds": wall})
-        for c in out["candidates"]:
-            pruned = c.get("pruned_at_step") is not None
-            preview = normalize_breakdown(c.get("preview_scores")) if pruned else None
-            candidates.append(Scored(seed=c["seed"], png=c["png"], replica=out["replica"],
-                                     steps_computed=c.get("steps_computed", 0), pruned_at_step=c.get("pruned_at_step"),
-                                     score=c.get("preview_score") if pruned else None, scores=preview))  # fmt: skip
+
+def collect_candidates(runs: list[GroupRun], seeds: list[int], warnings: list[str]) -> list[Scored]:
+    """The groups' candidates in request seed order; a pruned one keeps its preview's score."""
+    out = []
+    for run in runs:
+        _add(warnings, run.result.warnings)
+        for c in run.result.candidates:
+            preview = c.preview if c.pruned_at_step is not None else None
+            out.append(Scored(seed=c.seed, png=c.png, replica=run.result.replica, steps_computed=c.steps_computed,
+                              pruned_at_step=c.pruned_at_step, score=preview.score if preview else None,
+                              scores=preview.breakdown if preview else None))  # fmt: skip
     order = {s: i for i, s in enumerate(seeds)}
-    candidates.sort(key=lambda c: order[c.seed])
+    return sorted(out, key=lambda c: order[c.seed])
 
-    # -- score: the whole set in one call; failure -> unscored, never lost -------------------------------
-    t1 = time.perf_counter()
-    scorer_name = None
-    to_score = [c for c in candidates if c.png is not None and c.pruned_at_step is None]  # pruned: preview score
-    scored = False
+
+async def score_candidates(prompt: str, candidates: list[Scored], score: ScoreFn | None, config: RouterConfig,
+                           warnings: list[str]) -> tuple[bool, str | None]:  # fmt: skip
+    """Score the finished candidates in one call, in place; (any scored, scorer replica). A failure never
+    loses candidates: they stay unscored, with a warning."""
+    to_score = [c for c in candidates if c.png is not None and c.pruned_at_step is None]
     if score is None:
         warnings.append("no scorer is configured: candidates are unscored and the winner is the lowest seed")
-    elif to_score:
-        try:
-            res = await asyncio.wait_for(score(params.prompt, [c.png for c in to_score]), config.score_timeout_s)
-            composite, breakdown = res["composite"], res.get("scores") or [None] * len(to_score)
-            if len(composite) != len(to_score):
-                raise ValueError(f"scorer returned {len(composite)} scores for {len(to_score)} images")
-            bad = 0
-            for c, s, b in zip(to_score, composite, breakdown):
-                if s is None or not math.isfinite(float(s)):
-                    bad += 1
-                    continue
-                c.score = float(s)
-                c.scores = normalize_breakdown(b)
-            for w in res.get("warnings") or []:
-                if w not in warnings:
-                    warnings.append(w)
-            if bad:
-                warnings.append(f"{bad} candidate(s) got no finite score and count as unscored")
-            scored = bad < len(to_score)
-            scorer_name = res.get("replica")
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - scoring must never lose the candidates
-            err = classify(e)
-            reason = err.message if isinstance(err, ServiceError) and err.status < 500 else type(e).__name__
-            if isinstance(e, asyncio.TimeoutError):
-                reason = f"timed out after {config.score_timeout_s:g}s"
-            log.warning("scoring failed: %r", e)
-            warnings.append(f"scoring failed ({reason}): candidates are unscored and the winner is the lowest seed")
-            for c in to_score:
-                c.score = c.scores = None
-    t_score = time.perf_counter() - t1
+        return False, None
+    if not to_score:
+        return False, None
+    try:
+        res = await asyncio.wait_for(score(prompt, [c.png for c in to_score]), config.score_timeout_s)
+        if len(res.composite) != len(to_score):
+            raise ValueError(f"scorer returned {len(res.composite)} scores for {len(to_score)} images")
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - scoring must never lose the candidates
+        err = classify(e)
+        reason = err.message if isinstance(err, ServiceError) and err.status < 500 else type(e).__name__
+        if isinstance(e, asyncio.TimeoutError):
+            reason = f"timed out after {config.score_timeout_s:g}s"
+        log.warning("scoring failed: %r", e)
+        warnings.append(f"scoring failed ({reason}): candidates are unscored and the winner is the lowest seed")
+        return False, None
+    bad = 0
+    for c, s, b in zip(to_score, res.composite, res.scores):
+        if s is None or not math.isfinite(float(s)):
+            bad += 1
+            continue
+        c.score, c.scores = float(s), b
+    _add(warnings, res.warnings)
+    if bad:
+        warnings.append(f"{bad} candidate(s) got no finite score and count as unscored")
+    return bad < len(to_score), res.replica
 
-    return Outcome(
-        candidates=candidates, winner=pick_winner(candidates), scored=scored, settings=settings, warnings=warnings,
-        groups=group_info, scorer=scorer_name,
-        timings={"queued": max((g["queued"] for g in group_info), default=0.0), "generate": t_gen, "score": t_score},
-    )  # fmt: skip
+
+async def best_of_n(params: GenerationParams, seeds: list[int], generate: GenerateFn, score: ScoreFn | None,
+                    config: RouterConfig, pruning: bool = False) -> Outcome:  # fmt: skip
+    warnings: list[str] = []
+    t0 = time.perf_counter()
+    runs = await generate_groups(params, split_seeds(seeds, group_size(config, pruning)), generate, config, warnings)
+    t_gen = time.perf_counter() - t0
+    candidates = collect_candidates(runs, seeds, warnings)
+    t1 = time.perf_counter()
+    scored, scorer = await score_candidates(params.prompt, candidates, score, config, warnings)
+    timings = {"queued": max((r.queued_s for r in runs), default=0.0), "generate": t_gen,
+               "score": time.perf_counter() - t1}  # fmt: skip
+    return Outcome(candidates=candidates, winner=pick_winner(candidates), scored=scored,
+                   settings=runs[0].result.settings, warnings=warnings, groups=runs, scorer=scorer,
+                   timings=timings)  # fmt: skip

@@ -10,7 +10,6 @@ occupies a GPU. Errors become responses in one place: `hidream_serve.api.errors`
 import asyncio
 import logging
 import time
-import typing
 import uuid
 
 from fastapi import FastAPI, Request
@@ -25,21 +24,23 @@ from hidream_serve.api.images import b64
 from hidream_serve.api.protocol import (
     CandidateOut,
     Debug,
+    ERROR_RESPONSES,
     Defaults,
     GenerateRequest,
     GenerateResponse,
     GroupInfo,
     Limits,
-    Mode,
-    Role,
     Timings,
     Winner,
 )  # fmt: skip
 from hidream_serve.engine.errors import InvalidInput
-from hidream_serve.engine.params import DEV, FULL, MODES, RECIPES, SCHEDULERS
+from hidream_serve.engine.params import DEV, FULL
+from hidream_serve.scoring.context import ScoreContext
+from hidream_serve.vocabulary import MODES, RECIPES, ROLES, SCHEDULERS, Mode
 
 from .config import RouterConfig
-from .fanout import best_of_n, cancel_with_caller, score_context
+from .fanout import best_of_n, cancel_with_caller
+from .messages import AppInfo, GroupJob, ScoreJob
 
 log = logging.getLogger("ray.serve.hidream.router")  # under Serve's logger: replica logs
 
@@ -123,11 +124,10 @@ def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Default
 @serve.deployment(name="Router", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Router:
-    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, info: dict):
+    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, info: AppInfo):
         self.generator = generator
         self.scorer = scorer
-        self.limits = Limits.model_validate(info["limits"])
-        self.defaults = Defaults.model_validate(info["defaults"])
+        self.limits, self.defaults = info.limits, info.defaults
         self.info = info
         self.config = RouterConfig()
         self._ready: tuple[float, bool, dict] | None = None
@@ -136,7 +136,8 @@ class Router:
         self.config = RouterConfig.model_validate(user_config or {})
 
     # -- generate -----------------------------------------------------------------------------------
-    @app.post("/v1/generate/{mode}", response_model=GenerateResponse, response_model_exclude_none=False)
+    @app.post("/v1/generate/{mode}", response_model=GenerateResponse, response_model_exclude_none=False,
+              responses=ERROR_RESPONSES)  # fmt: skip
     async def generate(self, mode: Mode, body: GenerateRequest, request: Request) -> JSONResponse:
         rid = request.state.request_id
         t0 = request.state.t0
@@ -147,15 +148,16 @@ class Router:
             if prune and self.scorer is None:
                 raise InvalidInput("prune", "pruning needs a scorer and this server has none configured")
             t_valid = time.perf_counter() - t0
-            meta = {"request_id": rid, "prune": prune, "score_timeout_s": self.config.score_timeout_s}
+            png_text = {"layout_boxes": params.layout_boxes} if params.layout_boxes else {}
 
             async def generate(p, group):
-                return await cancel_with_caller(self.generator.generate.remote(p, group, meta))
+                job = GroupJob(p, group, prune, self.config.score_timeout_s, png_text)
+                return await cancel_with_caller(self.generator.generate.remote(job))
 
-            context = score_context(params)
+            context = ScoreContext.for_params(params)
 
             async def score(prompt, pngs):
-                return await cancel_with_caller(self.scorer.score.remote(prompt, pngs, context))
+                return await cancel_with_caller(self.scorer.score.remote(ScoreJob(prompt, pngs, context)))
 
             out = await best_of_n(params, seeds, generate, score if self.scorer is not None else None, self.config,
                                   pruning=bool(prune))  # fmt: skip
@@ -172,7 +174,9 @@ class Router:
         ]
         replicas: dict[str, list[int]] = {}
         for g in out.groups:
-            replicas.setdefault(g["replica"], []).extend(g["seeds"])
+            replicas.setdefault(g.result.replica, []).extend(g.seeds)
+        groups = [GroupInfo(replica=g.result.replica, seeds=g.seeds, queued=g.queued_s, seconds=g.wall_s,
+                            engine=g.result.timings.engine_s, png=g.result.timings.png_s) for g in out.groups]  # fmt: skip
         steps = int(out.settings.get("steps") or pre["steps"])
         resp = GenerateResponse(
             id=rid, mode=mode, scored=out.scored,
@@ -180,7 +184,7 @@ class Router:
             candidates=candidates, settings=out.settings, warnings=warnings,
             steps_computed=sum(c.steps_computed for c in out.candidates), steps_full=steps * len(out.candidates),
             timings=Timings(validate=t_valid, total=time.perf_counter() - t0, **out.timings),
-            debug=Debug(replicas=replicas, groups=[GroupInfo(**g) for g in out.groups], scorer=out.scorer),
+            debug=Debug(replicas=replicas, groups=groups, scorer=out.scorer),
         )  # fmt: skip
         log.info("request %s %s n=%d winner=%d total=%.2fs", rid, mode, len(seeds), out.winner.seed, resp.timings.total)
         return JSONResponse(resp.model_dump(mode="json", by_alias=True))
@@ -194,15 +198,15 @@ class Router:
 
         return {
             "object": "list",
-            "data": [{"id": self.info["model_name"], "object": "model", "checkpoint": self.info["model"],
+            "data": [{"id": self.info.model_name, "object": "model", "checkpoint": self.info.model,
                       "owned_by": "hidream-serve"}],  # fmt: skip
-            "checkpoint": self.info["model"],
-            "scorer": self.info["scorer"],
-            "scorers": self.info.get("scorers"),
+            "checkpoint": self.info.model,
+            "scorer": self.info.scorers["clip"] if self.info.scorers else None,
+            "scorers": self.info.scorers,
             "modes": list(MODES),
             "recipes": {name: recipe(r) for name, r in zip(RECIPES, (FULL, DEV))},
             "schedulers": list(SCHEDULERS),
-            "ref_roles": list(typing.get_args(Role)),
+            "ref_roles": list(ROLES),
             "limits": self.limits.model_dump(),
             "defaults": self.defaults.model_dump(),
             "seeds_per_call": self.config.seeds_per_call,

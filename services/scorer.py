@@ -22,6 +22,7 @@ from hidream_serve.api.images import decode_png
 from hidream_serve.embedded import optional_model_dir
 
 from .config import ScorerConfig, pick_device, pick_dtype, replica_name
+from .messages import ScoreJob, ScoreResult
 
 log = logging.getLogger("ray.serve.hidream.scorer")  # under Serve's logger: replica logs
 
@@ -75,21 +76,17 @@ class Scorer:
     def check_health(self) -> None:
         return None
 
-    async def score(self, prompt: str, images: list[bytes], context: dict | None = None) -> dict:
-        """`context`: {"mode", "refs": [PIL images], "roles": [role or None]}; absent: t2i, no refs."""
+    async def score(self, job: ScoreJob) -> ScoreResult:
         try:
-            return await asyncio.to_thread(self._score, prompt, images, context)
+            return await asyncio.to_thread(self._score, job)
         except Exception as e:
             log.exception("%s: scoring failed", self.replica)
             raise classify(e) from None
 
-    def _score(self, prompt: str, images: list[bytes], context: dict | None) -> dict:
-        from hidream_serve.scoring.composite import ScoreContext
-
+    def _score(self, job: ScoreJob) -> ScoreResult:
         t0 = time.perf_counter()
-        pil = [decode_png(b) for b in images]
-        ctx = ScoreContext.from_dict(context)
+        pil = [decode_png(b) for b in job.images]
         with self._lock:
-            out = self.scorer.score(prompt, pil, ctx)
-        out.update(replica=self.replica, seconds=time.perf_counter() - t0)
-        return out
+            out = self.scorer.score(job.prompt, pil, job.context)
+        return ScoreResult(composite=out["composite"], scores=out["scores"], warnings=out["warnings"],
+                           replica=self.replica, seconds=time.perf_counter() - t0)  # fmt: skip

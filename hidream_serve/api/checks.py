@@ -7,15 +7,17 @@ exact per-ref sizes) the generator still checks, and its errors come back named 
 
 from __future__ import annotations
 
-import math
-
-from hidream_serve.engine.conditioning import KEEP_ASPECT_EDGE, check_reference_image
 from hidream_serve.engine.errors import InvalidInput
 from hidream_serve.engine.layout import parse_layout_boxes, render_layout
-from hidream_serve.engine.network import PATCH_SIZE
-from hidream_serve.engine.params import GenerationParams, check_mode_inputs, resolve_sampler
-from hidream_serve.engine.pipeline import check_seeds
+from hidream_serve.engine.params import (
+    GenerationParams,
+    check_mode_inputs,
+    check_reference_image,
+    check_seeds,
+    resolve_sampler,
+)  # fmt: skip
 from hidream_serve.engine.resolution import resolve_size
+from hidream_serve.engine.sizing import keep_aspect_size
 
 from .protocol import Limits
 
@@ -30,7 +32,8 @@ def precheck(params: GenerationParams, seeds: list[int], limits: Limits) -> dict
     if sampler.steps > limits.max_steps:
         field = "steps" if params.steps is not None else "recipe"
         raise InvalidInput(field, f"{sampler.steps} steps is more than this server's limit of {limits.max_steps}")
-    if params.keep_original_aspect:  # the output takes the reference's aspect at about KEEP_ASPECT_EDGE**2
+    check_schedule(sampler)
+    if params.keep_original_aspect:  # the output takes the first reference's aspect
         width, height = keep_aspect_size(*params.refs[0].size)
         if width * height > limits.max_pixels:
             raise InvalidInput("keep_original_aspect", f"the output would be {width}x{height} = {width * height} "
@@ -49,17 +52,29 @@ def precheck(params: GenerationParams, seeds: list[int], limits: Limits) -> dict
             "guidance": sampler.guidance, "warnings": warnings}  # fmt: skip
 
 
-def keep_aspect_size(width: int, height: int, edge: int = KEEP_ASPECT_EDGE) -> tuple[int, int]:
-    """The output size `keep_original_aspect` gives for a reference of this size: the sizing arithmetic of
-    `hidream_serve.engine.images.fit_to_area` (halve while the short side is at least 2*edge, then the
-    largest patch-aligned size of area at most edge*edge), without touching the pixels."""
-    w, h = width, height
-    while min(w, h) >= 2 * edge:
-        w, h = w // 2, h // 2
-    max_area = edge * edge
-    scale = math.sqrt(max_area / (w * h))
-    sides = [(round(w * scale), round(h * scale)), (round(w * scale), math.floor(h * scale)),
-             (math.floor(w * scale), round(h * scale)), (math.floor(w * scale), math.floor(h * scale))]  # fmt: skip
-    candidates = sorted(((a // PATCH_SIZE * PATCH_SIZE, b // PATCH_SIZE * PATCH_SIZE) for a, b in sides),
-                        key=lambda s: s[0] * s[1], reverse=True)  # fmt: skip
-    return next((c for c in candidates if c[0] * c[1] <= max_area), candidates[-1])
+def _schedule_works(scheduler: str, shift: float, steps: int, timesteps) -> bool:
+    from hidream_serve.engine.schedulers import make_scheduler  # torch, loaded on first use, not at import
+
+    try:
+        make_scheduler(scheduler, shift).set_timesteps(steps, list(timesteps) if timesteps else None)
+    except ValueError:
+        return False
+    return True
+
+
+def check_schedule(sampler) -> None:
+    """A large `shift` squeezes the first integer timesteps together (UniPC: from 25 at 50 steps), and a schedule
+    whose first timestep repeats cannot be run; refuse it naming `shift` and the largest value (0.01 steps) that
+    works for these steps, before a GPU is asked."""
+    if _schedule_works(sampler.scheduler, sampler.shift, sampler.steps, sampler.timesteps):
+        return
+    lo, hi = 1, int(round(sampler.shift * 100))  # in hundredths; shift 0.01 always works
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _schedule_works(sampler.scheduler, mid / 100, sampler.steps, sampler.timesteps):
+            lo = mid
+        else:
+            hi = mid - 1
+    raise InvalidInput("shift", f"shift={sampler.shift:g} gives {sampler.steps} steps of the {sampler.scheduler} "
+                                f"scheduler a repeated first timestep; the largest shift that works for "
+                                f"{sampler.steps} steps is {lo / 100:g}")  # fmt: skip

@@ -15,24 +15,26 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from pydantic_core import PydanticCustomError
 
 from hidream_serve.engine.errors import InvalidInput
-from hidream_serve.engine.params import MAX_STEPS, MODES, RECIPES, SCHEDULERS, GenerationParams
+from hidream_serve.engine.params import GenerationParams
+from hidream_serve.scoring.pruning import PrunePlan
+from hidream_serve.vocabulary import (
+    HARD_MAX_EDGE,
+    HARD_MAX_N,
+    HARD_MAX_PROMPT,
+    HARD_MAX_REFS,
+    MAX_SEED,
+    MAX_STEPS,
+    MODES,
+    Mode,
+    RecipeName,
+    Role,
+    SchedulerName,
+)  # fmt: skip
 
 from .images import decode_image
 
-MAX_SEED = 2**63 - 2  # the engine's bound (hidream_serve.engine.pipeline.MAX_SEED)
 RANDOM_SEED_BOUND = 2**31  # a server-chosen first seed is below this, so seed + n stays readable
-HARD_MAX_N = 256
-HARD_MAX_REFS = 64
-HARD_MAX_PROMPT = 20_000
-HARD_MAX_EDGE = 8192
-
-Mode = Literal["t2i", "edit", "ip", "skeleton", "layout"]
-Role = Literal["face", "subject", "garment", "background", "pose", "style"]
-Recipe = Literal["full", "dev"]
-Scheduler = Literal["unipc", "flow_match", "flash"]
 ReturnWhat = Literal["winner", "all"]
-assert set(Mode.__args__) == set(MODES) and set(Recipe.__args__) == set(RECIPES)  # type: ignore[attr-defined]
-assert set(Scheduler.__args__) == set(SCHEDULERS)  # type: ignore[attr-defined]
 
 
 class _Strict(BaseModel):
@@ -57,7 +59,7 @@ class Limits(_Strict):
 class Defaults(_Strict):
     """Values of fields a request leaves out (AppArgs.defaults); `steps` etc. unset -> the recipe's."""
 
-    recipe: Recipe = "full"
+    recipe: RecipeName = "full"
     width: int = Field(2048, ge=64, le=HARD_MAX_EDGE)
     height: int = Field(2048, ge=64, le=HARD_MAX_EDGE)
     exact_size: bool = False
@@ -73,7 +75,7 @@ class RefImage(_Strict):
     role: Role | None = None
 
 
-class LayoutBox(_Strict):
+class LayoutBoxIn(_Strict):
     bbox: Annotated[list[float], Field(min_length=4, max_length=4)] = Field(
         ..., description="[x1, x2, y1, y2] as fractions of the output size (note the x-x-y-y order)"
     )
@@ -89,7 +91,7 @@ def _stage_list(v: Any) -> Any:
     return [v] if isinstance(v, dict) else v
 
 
-BoxItem = Annotated[LayoutBox, BeforeValidator(_box_item)]
+BoxItem = Annotated[LayoutBoxIn, BeforeValidator(_box_item)]
 
 
 class PruneStage(_Strict):
@@ -107,11 +109,11 @@ class GenerateRequest(_Strict):
     height: int | None = Field(None, ge=64, le=HARD_MAX_EDGE)
     exact_size: bool | None = None
     keep_original_aspect: bool = False
-    recipe: Recipe | None = None
+    recipe: RecipeName | None = None
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     guidance: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
     shift: float | None = Field(None, ge=0.01, le=100.0, allow_inf_nan=False)
-    scheduler: Scheduler | None = None
+    scheduler: SchedulerName | None = None
     noise_scale_start: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
     noise_scale_end: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
     noise_clip_std: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
@@ -133,10 +135,9 @@ class GenerateRequest(_Strict):
             raise PydanticCustomError("prune_stages", "two stages at the same step fraction")
         return stages
 
-    def prune_plan(self) -> list[dict[str, float]]:
-        """Pruning stages in step order (sorted and checked when the request was parsed), as plain dicts for
-        the generator (empty: no pruning)."""
-        return [{"at": s.at, "keep": s.keep} for s in self.prune or ()]
+    def prune_plan(self) -> PrunePlan | None:
+        """The request's pruning (stages sorted and checked when it was parsed); None: no pruning."""
+        return PrunePlan.of([(s.at, s.keep) for s in self.prune or ()])
 
     def seed_list(self, limits: Limits, defaults: Defaults) -> list[int]:
         if self.seeds is not None:
@@ -241,8 +242,10 @@ class Timings(BaseModel):
 class GroupInfo(BaseModel):
     replica: str
     seeds: list[int]
-    queued: float
-    seconds: float
+    queued: float = Field(..., description="seconds before the replica started the group")
+    seconds: float = Field(..., description="wall time of the call, as the router saw it")
+    engine: float = Field(0.0, description="seconds in the denoising call")
+    png: float = Field(0.0, description="seconds encoding the group's PNGs")
 
 
 class Debug(BaseModel):
@@ -263,3 +266,34 @@ class GenerateResponse(BaseModel):
     steps_full: int
     timings: Timings
     debug: Debug
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(..., description="invalid_input, payload_too_large, unavailable, timeout, not_found, ...")
+    message: str
+    field: str | None = Field(None, description="the request field at fault, as a path such as refs[0].image")
+    request_id: str | None = None
+    errors: list[FieldError] | None = Field(None, description="every field error, when there are several")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (hidream_serve.api.errors builds it)."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "the body or a reference image is too large"},
+    422: {"model": ErrorResponse, "description": "invalid input; `error.field` names the field"},
+    503: {"model": ErrorResponse, "description": "at capacity or not ready; retry after `Retry-After` seconds"},
+    504: {"model": ErrorResponse, "description": "the request took too long"},
+}
+

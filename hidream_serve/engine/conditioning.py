@@ -21,16 +21,16 @@ import torch
 from PIL import Image
 
 from .errors import InvalidInput
-from .images import fit_to_area, size_for_area, to_patches
+from ..vocabulary import KEEP_ASPECT_EDGE, PATCH_SIZE
+from .images import to_patches
 from .layout import layout_references, parse_layout_boxes
-from .network import PATCH_SIZE
-from .params import GenerationParams
+from .params import GenerationParams, check_reference_image
 from .resolution import resolve_size
+from .sizing import fit_to_area, size_for_area
 from .vlm_inputs import VisionInputs, VisionPreprocessConfig, prepare_vision_inputs
 
 TARGET_ANCHOR = 4096
 VLM_IMAGE_EDGE = 384
-KEEP_ASPECT_EDGE = 2048
 UNCOND_CAPTION = " "
 
 
@@ -230,12 +230,3 @@ class ConditioningBuilder:
             vlm_sizes=[(int(g[2]) * self.vision_cfg.patch_size, int(g[1]) * self.vision_cfg.patch_size) for g in vision.grid_thw],
             warnings=warnings,
         )  # fmt: skip
-
-
-def check_reference_image(img: Image.Image, field: str, max_pixels: int = 64_000_000) -> None:
-    if img.width < 1 or img.height < 1:
-        raise InvalidInput(field, "image is empty")
-    if img.width * img.height > max_pixels:
-        raise InvalidInput(field, f"image has {img.width * img.height} pixels, more than {max_pixels}")
-    if max(img.size) / min(img.size) > 16:
-        raise InvalidInput(field, f"aspect ratio {img.width}x{img.height} is too extreme (over 16:1)")

@@ -1,53 +1,12 @@
-"""Pixel-side image sizing, as the official pipeline does it (PIL resampling, patch-aligned crops)."""
+"""Pixels to patches and back (torch); the sizing arithmetic is in `sizing`."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .network import PATCH_SIZE
-
-
-def fit_to_area(img: Image.Image, edge: int, multiple: int = PATCH_SIZE) -> Image.Image:
-    """Resize so the area is at most edge*edge with both sides multiples of `multiple`; centre-crop the excess.
-
-    Very large inputs are first halved with box filtering (cheap and alias-free), then one bicubic
-    resize to cover the target, then a centred crop.
-    """
-    while min(img.size) >= 2 * edge:
-        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
-    w, h = img.size
-    max_area = edge * edge
-    scale = math.sqrt(max_area / (w * h))
-    candidates = [
-        (round(w * scale) // multiple * multiple, round(h * scale) // multiple * multiple),
-        (round(w * scale) // multiple * multiple, math.floor(h * scale) // multiple * multiple),
-        (math.floor(w * scale) // multiple * multiple, round(h * scale) // multiple * multiple),
-        (math.floor(w * scale) // multiple * multiple, math.floor(h * scale) // multiple * multiple),
-    ]
-    candidates.sort(key=lambda s: s[0] * s[1], reverse=True)
-    tw, th = next((c for c in candidates if c[0] * c[1] <= max_area), candidates[-1])
-    if tw <= 0 or th <= 0:
-        raise ValueError(f"image of size {w}x{h} is too small or too elongated to fit {edge}x{edge}")
-    if w / tw < h / th:  # width is the tighter side: scale by width, crop height
-        new_h = round(h / (w / tw))
-        img = img.resize([tw, new_h], resample=Image.BICUBIC)
-        top = (new_h - th) // 2
-        return img.crop((0, top, tw, top + th))
-    new_w = round(w / (h / th))
-    img = img.resize([new_w, th], resample=Image.BICUBIC)
-    left = (new_w - tw) // 2
-    return img.crop((left, 0, left + tw, th))
-
-
-def size_for_area(edge: int, aspect: float) -> tuple[int, int]:
-    """Width and height (multiples of 32, floored) of an edge*edge area at the given aspect ratio."""
-    w = math.sqrt(edge * edge * aspect)
-    h = w / aspect
-    return int(w / 32) * 32, int(h / 32) * 32
+from ..vocabulary import PATCH_SIZE
 
 
 def to_patches(img: Image.Image) -> torch.Tensor:

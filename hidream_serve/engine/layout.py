@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from .errors import InvalidInput
-from .images import fit_to_area
+from .sizing import fit_to_area
 
 MAX_DRAWN_BOXES = 5
 BOX_COLORS = (

@@ -35,7 +35,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLVisionModel,
 )
 
-PATCH_SIZE = 32  # pixel patch edge of the generated image
+from ..vocabulary import PATCH_SIZE
+
 PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE
 TIMESTEP_FREQ_DIM = 256
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image
 
+from ..vocabulary import MAX_SEED, MAX_STEPS, MODES, RECIPES, SCHEDULERS
 from .errors import InvalidInput
 
-MODES = ("t2i", "edit", "ip", "skeleton", "layout")
-SCHEDULERS = ("unipc", "flow_match", "flash")
-RECIPES = ("full", "dev")
 
 # The distilled (dev) model's 28 fixed timesteps.
 DEV_TIMESTEPS = (
@@ -95,8 +94,6 @@ class SamplerSettings:
         return self.guidance > 1.0
 
 
-MAX_STEPS = 200
-
 
 def check_mode_inputs(p: GenerationParams) -> None:
     if p.mode not in MODES:
@@ -153,3 +150,23 @@ def resolve_sampler(p: GenerationParams) -> tuple[SamplerSettings, list[str]]:
     if scheduler != "flash" and (p.noise_scale_end is not None or p.noise_clip_std is not None):
         warnings.append("noise_scale_end and noise_clip_std only act with the flash scheduler")
     return SamplerSettings(recipe=p.recipe, steps=steps, scheduler=scheduler, timesteps=timesteps, **values), warnings
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    if not seeds:
+        raise InvalidInput("seeds", "at least one seed is needed")
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise InvalidInput(f"seeds[{i}]", f"must be an integer in [0, {MAX_SEED}], got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise InvalidInput("seeds", "seeds must be distinct")
+    return list(seeds)
+
+
+def check_reference_image(img: Image.Image, field: str, max_pixels: int = 64_000_000) -> None:
+    if img.width < 1 or img.height < 1:
+        raise InvalidInput(field, "image is empty")
+    if img.width * img.height > max_pixels:
+        raise InvalidInput(field, f"image has {img.width * img.height} pixels, more than {max_pixels}")
+    if max(img.size) / min(img.size) > 16:
+        raise InvalidInput(field, f"aspect ratio {img.width}x{img.height} is too extreme (over 16:1)")

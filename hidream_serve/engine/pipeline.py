@@ -18,16 +18,22 @@ import torch
 from PIL import Image
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint
-from .conditioning import Conditioning, ConditioningBuilder, check_reference_image
+from .conditioning import Conditioning, ConditioningBuilder
 from .errors import InvalidInput
 from .images import patches_to_uint8
 from .network import PrefixCache, fa3_supports
 from .noise import PrefetchedNoise, initial_noise
-from .params import GenerationParams, SamplerSettings, check_mode_inputs, resolve_sampler
+from .params import (
+    GenerationParams,
+    SamplerSettings,
+    check_mode_inputs,
+    check_reference_image,
+    check_seeds,
+    resolve_sampler,
+)  # fmt: skip
 from .schedulers import make_scheduler
 
 MIN_SIGMA = 0.001
-MAX_SEED = 2**63 - 2
 
 
 @dataclass
@@ -85,17 +91,6 @@ class PreparedRequest:
             "vlm_ref_sizes": [list(r) for r in c.vlm_sizes], "target_tokens": c.target_len, "ref_tokens": c.ref_len,
             "prefix_tokens": [p.length for p in self.prefixes],
         }  # fmt: skip
-
-
-def check_seeds(seeds: Sequence[int]) -> list[int]:
-    if not seeds:
-        raise InvalidInput("seeds", "at least one seed is needed")
-    for i, s in enumerate(seeds):
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise InvalidInput(f"seeds[{i}]", f"must be an integer in [0, {MAX_SEED}], got {s!r}")
-    if len(set(seeds)) != len(seeds):
-        raise InvalidInput("seeds", "seeds must be distinct")
-    return list(seeds)
 
 
 def noise_scale_schedule(start: float, end: float, n: int) -> list[float]:

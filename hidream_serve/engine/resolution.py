@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..vocabulary import PATCH_SIZE
 from .errors import InvalidInput
-from .network import PATCH_SIZE
 
 # (width, height) pairs the model was trained at.
 TRAINED_SIZES: tuple[tuple[int, int], ...] = (

@@ -19,12 +19,12 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .context import ScoreContext
 from .fidelity import fidelity_scores, ref_weights
 from .quality import exposure, luma, sharpness
 from .settings import SCORER_NAMES, ModeWeights, RoleWeights
@@ -65,20 +65,6 @@ def combine(raw: Mapping[str, Sequence[float | None]], weights: Mapping[str, flo
             breakdown[i][name] = {"raw": float(v) if finite else None, "z": z[i], "weight": w}
             composite[i] += w * z[i]
     return composite, breakdown
-
-
-@dataclass
-class ScoreContext:
-    """What besides the prompt a candidate is judged against."""
-
-    mode: str = "t2i"
-    refs: list[Image.Image] = field(default_factory=list)
-    roles: list[str | None] = field(default_factory=list)
-
-    @classmethod
-    def from_dict(cls, d: Mapping | None) -> ScoreContext:
-        d = d or {}
-        return cls(mode=d.get("mode") or "t2i", refs=list(d.get("refs") or []), roles=list(d.get("roles") or []))
 
 
 def _short(e: BaseException) -> str:

@@ -22,12 +22,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-ROLES = ("face", "subject", "garment", "background", "pose", "style")
-DEFAULT_ROLE_WEIGHTS: dict[str, float] = {
-    "face": 1.0, "subject": 1.0, "garment": 1.0, "style": 0.5, "background": 0.0, "pose": 0.0,
-}  # fmt: skip
+from ..vocabulary import FIDELITY_MODES
+from .settings import DEFAULT_ROLE_WEIGHTS
+
 SKELETON_ORDER = ("face", "background", "pose")  # then garments
-FIDELITY_MODES = ("edit", "ip", "skeleton", "layout")
 
 
 def default_role(mode: str, position: int) -> str | None:

@@ -10,19 +10,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
-def stage_steps(stages: Sequence[dict], num_steps: int) -> dict[int, float]:
-    """{0-based step index after which to prune: keep fraction}. A stage at fraction f fires after step
-    round(f * num_steps) (at least the first, never the last); stages landing on one step keep the
-    smallest fraction."""
-    out: dict[int, float] = {}
-    for s in stages:
-        idx = min(max(1, round(float(s["at"]) * num_steps)), num_steps - 1) - 1
-        if idx < 0:
-            continue
-        out[idx] = min(out.get(idx, 1.0), float(s["keep"]))
-    return out
+@dataclass(frozen=True)
+class PrunePlan:
+    """A request's pruning: stages of (at: fraction of the steps, keep: fraction of the active candidates), in
+    step order. Built from the request (`GenerateRequest.prune_plan`), carried to the generator in its
+    `GroupJob`, turned into the engine's step hook there (services/pruning.py)."""
+
+    stages: tuple[tuple[float, float], ...]
+
+    @classmethod
+    def of(cls, stages: Sequence[tuple[float, float]]) -> PrunePlan | None:
+        """The plan of these (at, keep) stages, or None when there are none (no pruning)."""
+        return cls(tuple(sorted((float(at), float(keep)) for at, keep in stages))) if stages else None
+
+    def schedule(self, num_steps: int) -> dict[int, float]:
+        """{0-based step index after which to prune: keep fraction}. A stage at fraction f fires after step
+        round(f * num_steps) (at least the first, never the last); stages landing on one step keep the
+        smallest fraction."""
+        out: dict[int, float] = {}
+        for at, keep in self.stages:
+            idx = min(max(1, round(at * num_steps)), num_steps - 1) - 1
+            if idx < 0:
+                continue
+            out[idx] = min(out.get(idx, 1.0), keep)
+        return out
 
 
 def keep_count(keep: float, n: int) -> int:

@@ -5,9 +5,9 @@ so `serve deploy` with new weights retunes a running service; `calibrate-pruning
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .fidelity import DEFAULT_ROLE_WEIGHTS
+from ..vocabulary import MODES, ROLES
 
 SCORER_NAMES = ("pickscore", "clip", "fidelity", "sharpness", "exposure")
 
@@ -41,12 +41,8 @@ class ScoreWeights(_Strict):
     exposure: float | None = _w("quality guard: clipped pixels and mean brightness")
 
 
-class ModeWeights(_Strict):
-    t2i: ScoreWeights = Field(default_factory=ScoreWeights)
-    edit: ScoreWeights = Field(default_factory=ScoreWeights)
-    ip: ScoreWeights = Field(default_factory=ScoreWeights)
-    skeleton: ScoreWeights = Field(default_factory=ScoreWeights)
-    layout: ScoreWeights = Field(default_factory=ScoreWeights)
+class _ModeWeights(_Strict):
+    """Weights per mode (one field per mode of the vocabulary)."""
 
     def for_mode(self, mode: str) -> dict[str, float]:
         base = dict(DEFAULT_MODE_WEIGHTS.get(mode, DEFAULT_MODE_WEIGHTS["t2i"]))
@@ -56,16 +52,31 @@ class ModeWeights(_Strict):
         return base
 
 
-def _r(name: str, desc: str):
-    return Field(DEFAULT_ROLE_WEIGHTS[name], ge=0.0, le=10.0, description=desc)
+ModeWeights = create_model(
+    "ModeWeights", __base__=_ModeWeights,
+    **{mode: (ScoreWeights, Field(default_factory=ScoreWeights)) for mode in MODES},
+)  # fmt: skip
+
+# How much a reference of each role counts in reference fidelity (0: not at all), and why.
+DEFAULT_ROLE_WEIGHTS: dict[str, float] = {
+    "face": 1.0, "subject": 1.0, "garment": 1.0, "style": 0.5, "background": 0.0, "pose": 0.0,
+}  # fmt: skip
+ROLE_RATIONALE = {
+    "face": "identity",
+    "subject": "an object or person to keep",
+    "garment": "clothing to wear",
+    "background": "a backdrop to place things in, not a look to copy",
+    "pose": "a pose skeleton: a condition, not something to resemble",
+    "style": "the look carries over, not the content",
+}
 
 
-class RoleWeights(_Strict):
+class _RoleWeights(_Strict):
     """How much a reference of each role counts in reference fidelity (0: not at all)."""
 
-    face: float = _r("face", "identity")
-    subject: float = _r("subject", "an object or person to keep")
-    garment: float = _r("garment", "clothing to wear")
-    background: float = _r("background", "a backdrop to place things in, not a look to copy")
-    pose: float = _r("pose", "a pose skeleton: a condition, not something to resemble")
-    style: float = _r("style", "the look carries over, not the content")
+
+RoleWeights = create_model(
+    "RoleWeights", __base__=_RoleWeights,
+    **{role: (float, Field(DEFAULT_ROLE_WEIGHTS[role], ge=0.0, le=10.0, description=ROLE_RATIONALE[role]))
+       for role in ROLES},
+)  # fmt: skip

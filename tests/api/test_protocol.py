@@ -171,10 +171,10 @@ def test_validation_rule_names_the_field(mode, body, field):
 
 def test_prune_plan_is_sorted_and_accepts_one_stage_or_a_list():
     one = GenerateRequest.model_validate({"prompt": "x", "prune": {"at": 0.5, "keep": 0.5}})
-    assert one.prune_plan() == [{"at": 0.5, "keep": 0.5}]
+    assert one.prune_plan().stages == ((0.5, 0.5),)
     two = GenerateRequest.model_validate({"prompt": "x", "prune": [{"at": 0.7, "keep": 0.5}, {"at": 0.3, "keep": 0.8}]})
-    assert [s["at"] for s in two.prune_plan()] == [0.3, 0.7]
-    assert GenerateRequest.model_validate({"prompt": "x"}).prune_plan() == []
+    assert [at for at, _ in two.prune_plan().stages] == [0.3, 0.7]
+    assert GenerateRequest.model_validate({"prompt": "x"}).prune_plan() is None
 
 
 def test_unknown_mode_is_invalid_input():
@@ -242,9 +242,8 @@ def test_service_error_is_its_own_class():
 def test_keep_aspect_size_is_the_engines_output_size(size):
     from PIL import Image
 
-    from hidream_serve.api.checks import keep_aspect_size
-    from hidream_serve.engine.conditioning import KEEP_ASPECT_EDGE
-    from hidream_serve.engine.images import fit_to_area
+    from hidream_serve.engine.sizing import fit_to_area, keep_aspect_size
+    from hidream_serve.vocabulary import KEEP_ASPECT_EDGE
 
     assert keep_aspect_size(*size) == fit_to_area(Image.new("RGB", size), KEEP_ASPECT_EDGE).size
 

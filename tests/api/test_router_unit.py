@@ -194,7 +194,9 @@ def test_models_lists_the_protocol_roles():
     from services.config import RouterConfig
 
     models = router_mod.Router.func_or_class.models
-    router = SimpleNamespace(info={"model_name": "m", "model": "m", "scorer": None}, limits=Limits(),
-                             defaults=Defaults(), config=RouterConfig())  # fmt: skip
+    from services.messages import AppInfo
+
+    info = AppInfo(model="m", model_name="m", scorers=None, limits=Limits(), defaults=Defaults())
+    router = SimpleNamespace(info=info, limits=Limits(), defaults=Defaults(), config=RouterConfig())
     d = asyncio.run(models(router))
     assert d["ref_roles"] == list(typing.get_args(Role))

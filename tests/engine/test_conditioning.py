@@ -14,7 +14,8 @@ from hidream_serve.engine.conditioning import (
     vlm_edge_for,
 )
 from hidream_serve.engine.errors import InvalidInput
-from hidream_serve.engine.images import fit_to_area, patches_to_uint8, size_for_area, to_patches
+from hidream_serve.engine.images import patches_to_uint8, to_patches
+from hidream_serve.engine.sizing import fit_to_area, size_for_area
 from hidream_serve.engine.layout import BOX_COLORS, parse_layout_boxes, render_layout
 from hidream_serve.engine.params import GenerationParams
 from hidream_serve.engine.resolution import TRAINED_SIZES, resolve_size, snap_to_trained

@@ -180,7 +180,7 @@ def test_engine_options_are_pipeline_arguments():
 
 
 def test_production_yaml_names_real_scorer_directories_and_weights_for_every_mode():
-    from hidream_serve.engine.params import MODES
+    from hidream_serve.vocabulary import MODES
     from hidream_serve.scoring.settings import SCORER_NAMES
     from services.app import scorer_specs
 

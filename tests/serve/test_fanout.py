@@ -10,6 +10,7 @@ from hidream_serve.api.errors import BadRequest, DeadlineExceeded, Unavailable
 from hidream_serve.engine.params import GenerationParams
 from services.config import RouterConfig
 from services.fanout import Scored, best_of_n, pick_winner, split_seeds
+from services.messages import CandidateResult, GroupResult, PreviewScore, ScoreResult
 from tests.conftest import FakeResponse
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from importing ray.serve
@@ -23,9 +24,8 @@ def fake_generate(calls: list, fail_groups=(), error=None, delay=0.0):
         await asyncio.sleep(delay)
         if error is not None and (not fail_groups or seeds[0] in fail_groups):
             raise error
-        return {"replica": f"Generator#{len(calls) % 2}", "settings": {"steps": 2, "width": 128},
-                "warnings": ["w"], "busy_s": 0.0,
-                "candidates": [{"seed": s, "png": f"png{s}".encode(), "steps_computed": 2} for s in seeds]}  # fmt: skip
+        return GroupResult(replica=f"Generator#{len(calls) % 2}", settings={"steps": 2, "width": 128}, warnings=["w"],
+                           candidates=[CandidateResult(s, f"png{s}".encode(), 2) for s in seeds])  # fmt: skip
 
     return generate
 
@@ -33,7 +33,7 @@ def fake_generate(calls: list, fail_groups=(), error=None, delay=0.0):
 def scores_by_seed(table: dict[int, float]):
     async def score(prompt, pngs):
         vals = [table[int(p.decode()[3:])] for p in pngs]
-        return {"composite": vals, "scores": [{"clip": v} for v in vals], "replica": "Scorer#0"}
+        return ScoreResult(composite=vals, scores=[{"clip": v} for v in vals], replica="Scorer#0")
 
     return score
 
@@ -152,7 +152,10 @@ def test_generation_deadline():
 
 
 def test_stage_steps():
-    from hidream_serve.scoring.pruning import stage_steps
+    from hidream_serve.scoring.pruning import PrunePlan
+
+    def stage_steps(stages, steps):
+        return PrunePlan.of([(s["at"], s["keep"]) for s in stages]).schedule(steps)
 
     assert stage_steps([{"at": 0.5, "keep": 0.5}], 4) == {1: 0.5}
     assert stage_steps([{"at": 0.5, "keep": 0.5}], 50) == {24: 0.5}
@@ -171,16 +174,16 @@ def test_survivors_keep_the_best_fraction():
 
 def test_pruned_candidates_keep_preview_scores_and_never_win():
     async def generate(params, seeds):
-        return {"replica": "G#0", "settings": {"steps": 4}, "busy_s": 0.0, "candidates": [
-            {"seed": s, "png": f"png{s}".encode(), "steps_computed": 4 if s % 2 else 2,
-             "pruned_at_step": None if s % 2 else 1, "preview_score": 99.0 if s % 2 == 0 else 1.0}
-            for s in seeds]}  # fmt: skip
+        return GroupResult(replica="G#0", settings={"steps": 4}, warnings=[], candidates=[
+            CandidateResult(s, f"png{s}".encode(), 4 if s % 2 else 2, pruned_at_step=None if s % 2 else 1,
+                            preview=None if s % 2 else PreviewScore(99.0, None))
+            for s in seeds])  # fmt: skip
 
     scored_sets = []
 
     async def score(prompt, pngs):
         scored_sets.append(len(pngs))
-        return {"composite": [float(len(p)) for p in pngs], "replica": "S#0"}
+        return ScoreResult(composite=[float(len(p)) for p in pngs], scores=None, replica="S#0")
 
     out = run(best_of_n(PARAMS, [1, 2, 3, 4], generate, score, RouterConfig(seeds_per_call=2)))
     assert scored_sets == [2]  # only the survivors are scored at the end

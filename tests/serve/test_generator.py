@@ -8,14 +8,20 @@ import time
 import pytest
 
 from hidream_serve.engine.params import GenerationParams
+from hidream_serve.scoring.pruning import PrunePlan
 from tests.conftest import FakeResponse
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from importing ray.serve
 
 generator_mod = pytest.importorskip("services.generator")
+from services.messages import GroupJob, GroupResult, ScoreResult  # noqa: E402
 
 SMALL = dict(mode="t2i", prompt="a fox", width=128, height=128, exact_size=True)
-PRUNE = {"prune": [{"at": 0.5, "keep": 0.5}], "score_timeout_s": 30}
+PRUNE = PrunePlan.of([(0.5, 0.5)])
+
+
+def job(params, seeds, prune=None):
+    return GroupJob(params, seeds, prune, score_timeout_s=30)
 
 
 class StepCounter:
@@ -47,8 +53,9 @@ class FakeScorer:
         self.seconds, self.calls = seconds, []
         self.score = self  # handle.score.remote(...)
 
-    def remote(self, prompt, pngs, context):
-        self.calls.append(FakeResponse({"composite": [float(-i) for i in range(len(pngs))]}, self.seconds))
+    def remote(self, job):
+        scores = [float(-i) for i in range(len(job.images))]
+        self.calls.append(FakeResponse(ScoreResult(composite=scores, scores=None), self.seconds))
         return self.calls[-1]
 
 
@@ -82,7 +89,7 @@ def test_cancelling_a_call_frees_the_engine_within_a_step(counted):
     params = GenerationParams(**SMALL, steps=200)
 
     async def main():
-        task = asyncio.ensure_future(gen.generate(params, [1, 2]))
+        task = asyncio.ensure_future(gen.generate(job(params, [1, 2])))
         while counter.steps < 2:
             await asyncio.sleep(0.002)
         at_cancel = counter.steps
@@ -94,8 +101,8 @@ def test_cancelling_a_call_frees_the_engine_within_a_step(counted):
     at_cancel, free, steps_when_done = asyncio.run(main())
     assert free, "the call ended while the engine still ran it"
     assert steps_when_done <= at_cancel + 2 and counter.steps == steps_when_done
-    out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=2), [3]))  # and the engine still works
-    assert [c["seed"] for c in out["candidates"]] == [3] and out["candidates"][0]["png"]
+    out = asyncio.run(gen.generate(job(GenerationParams(**SMALL, steps=2), [3])))  # and the engine still works
+    assert [c.seed for c in out.candidates] == [3] and out.candidates[0].png
 
 
 def test_cancelling_while_previews_are_scored_stops_promptly(counted, monkeypatch):
@@ -105,7 +112,7 @@ def test_cancelling_while_previews_are_scored_stops_promptly(counted, monkeypatc
     params = GenerationParams(**SMALL, steps=4)
 
     async def main():
-        task = asyncio.ensure_future(gen.generate(params, [1, 2], PRUNE))
+        task = asyncio.ensure_future(gen.generate(job(params, [1, 2], PRUNE)))
         while not scorer.calls:
             await asyncio.sleep(0.002)
         t0 = time.perf_counter()
@@ -123,9 +130,9 @@ def test_cancelling_while_previews_are_scored_stops_promptly(counted, monkeypatc
 def test_pruning_ranks_the_candidates_of_one_batch(counted, monkeypatch):
     gen, _ = counted
     monkeypatch.setattr(gen, "scorer", FakeScorer())
-    out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=4), [1, 2, 3, 4], PRUNE))
-    assert [c["pruned_at_step"] for c in out["candidates"]] == [None, None, 1, 1]
-    assert not any("pruning skipped" in w for w in out["warnings"]), out["warnings"]
+    out = asyncio.run(gen.generate(job(GenerationParams(**SMALL, steps=4), [1, 2, 3, 4], PRUNE)))
+    assert [c.pruned_at_step for c in out.candidates] == [None, None, 1, 1]
+    assert not any("pruning skipped" in w for w in out.warnings), out.warnings
 
 
 @pytest.mark.parametrize("max_batch, alone", [(1, [1, 2, 3, 4]), (3, [4])])
@@ -134,23 +141,23 @@ def test_pruning_says_so_when_candidates_denoise_alone(counted, monkeypatch, max
     gen, _ = counted
     monkeypatch.setattr(gen, "scorer", FakeScorer())
     gen.reconfigure({"max_batch": max_batch})
-    out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=4), [1, 2, 3, 4], PRUNE))
-    assert any(f"pruning skipped for seeds {alone}" in w for w in out["warnings"]), out["warnings"]
-    pruned = [c["seed"] for c in out["candidates"] if c["pruned_at_step"] is not None]
+    out = asyncio.run(gen.generate(job(GenerationParams(**SMALL, steps=4), [1, 2, 3, 4], PRUNE)))
+    assert any(f"pruning skipped for seeds {alone}" in w for w in out.warnings), out.warnings
+    pruned = [c.seed for c in out.candidates if c.pruned_at_step is not None]
     assert not set(pruned) & set(alone)
 
 
 def test_one_candidate_with_pruning_needs_no_warning(counted, monkeypatch):
     gen, _ = counted
     gen.reconfigure({"max_batch": 1})
-    out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=2), [7], PRUNE))
-    assert not any("pruning skipped" in w for w in out["warnings"])
+    out = asyncio.run(gen.generate(job(GenerationParams(**SMALL, steps=2), [7], PRUNE)))
+    assert not any("pruning skipped" in w for w in out.warnings)
 
 
 def test_generator_output_is_what_the_router_reads(counted):
     gen, _ = counted
-    out = asyncio.run(gen.generate(GenerationParams(**SMALL, steps=2), [5]))
-    assert set(out) == {"replica", "candidates", "settings", "warnings", "busy_s"}
+    out = asyncio.run(gen.generate(job(GenerationParams(**SMALL, steps=2), [5])))
+    assert isinstance(out, GroupResult) and out.replica and out.settings and out.timings.busy_s > 0
 
 
 def test_replica_start_is_logged_under_serves_logger_with_its_attention_kernel(tiny_dir, caplog):
