@@ -10,7 +10,7 @@ from hidream_serve.engine.schedulers import make_scheduler
 
 @pytest.mark.parametrize("steps,shift", [(50, 30.0), (100, 15.0), (20, 60.0)])
 def test_breaking_shift_is_named_with_the_largest_working_value(steps, shift):
-    sampler, _ = resolve_sampler(GenerationParams(prompt="a", steps=steps, shift=shift))
+    sampler, _ = resolve_sampler(GenerationParams(mode="t2i", prompt="a", steps=steps, shift=shift))
     with pytest.raises(InvalidInput) as exc:
         check_schedule(sampler)
     assert exc.value.field == "shift"
@@ -21,5 +21,5 @@ def test_breaking_shift_is_named_with_the_largest_working_value(steps, shift):
 
 
 def test_default_shift_passes():
-    sampler, _ = resolve_sampler(GenerationParams(prompt="a"))
+    sampler, _ = resolve_sampler(GenerationParams(mode="t2i", prompt="a"))
     check_schedule(sampler)
