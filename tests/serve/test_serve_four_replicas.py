@@ -22,7 +22,8 @@ def four_replicas(tmp_path_factory):
     args = AppArgs(
         model="embedded:tiny", scorer_model="embedded:tiny-clip", device="cpu",
         defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4},
-        router={"seeds_per_call": 2}, generator={"max_batch": 2, "torch_threads": 1}, scorer={"torch_threads": 1},
+        router={"seeds_per_call": 2, "prune_group_size": 2}, generator={"max_batch": 2, "torch_threads": 1},
+        scorer={"torch_threads": 1},
     )  # fmt: skip
     options = {
         "Router": {"ray_actor_options": {"num_cpus": 0}},
