@@ -52,8 +52,30 @@ def _add_generate(sub) -> None:
     p.add_argument("--keep-original-aspect", action="store_true")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--quantize", choices=("fp8",), help="decoder projections in FP8 (GPUs with FP8 tensor cores)")
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=_cmd_generate)
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="write an FP8 checkpoint (e4m3 decoder projections + scales) that loads directly")
+    p.add_argument("--model", required=True, type=Path, help="bf16 checkpoint directory")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--device", default="cuda", help="where to quantize (a GPU with FP8 tensor cores)")
+    p.add_argument("--emulate-fp8", action="store_true", help="allow a device without FP8 tensor cores (testing)")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _cmd_quantize(args) -> int:
+    import torch
+
+    from .engine.checkpoint import load_checkpoint
+    from .engine.fp8 import save_fp8_checkpoint
+
+    ckpt = load_checkpoint(args.model, args.device, torch.bfloat16, quantize="fp8", fp8_emulate=args.emulate_fp8)
+    save_fp8_checkpoint(ckpt.model, args.model, args.out)
+    print(f"wrote FP8 checkpoint to {args.out}")
+    return 0
 
 
 def _cmd_generate(args) -> int:
@@ -84,7 +106,8 @@ def _cmd_generate(args) -> int:
     )  # fmt: skip
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()
-    pipe = HiDreamPipeline.from_pretrained(args.model, device=args.device, dtype=dtype, max_batch=1)
+    pipe = HiDreamPipeline.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize,
+                                           max_batch=1)  # fmt: skip
     t1 = time.perf_counter()
     result = pipe(params, [args.seed])
     t2 = time.perf_counter()
@@ -106,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tiny(sub)
     _add_generate(sub)
+    _add_quantize(sub)
     from .calibrate import add_parser as _add_calibrate
 
     _add_calibrate(sub)

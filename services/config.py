@@ -47,6 +47,8 @@ class EngineOptions(_Config):
     attention: Literal["auto", "fa3", "cudnn", "flash"] | None = Field(
         None, description="attention kernel: auto (FlashAttention-3 where built for the GPU, else cuDNN SDPA), "
         "fa3, or an SDPA preference")
+    quantize: Literal["fp8"] | None = Field(None, description="fp8: decoder projections in FP8 e4m3 (GPUs with "
+                                            "FP8 tensor cores; docs/fp8.md)")  # fmt: skip
     warm_up_size: int | None = Field(None, ge=64, le=4096, description="at start, generate once at this edge "
                                      "size so compilation happens before the replica takes requests (with "
                                      "compile; the graphs then serve every size)")  # fmt: skip

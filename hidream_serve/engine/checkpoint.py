@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, Qwen3VLConfig
 
 from .errors import CheckpointError
+from .fp8 import FP8_DTYPE, FP8Linear, QUANTIZE_FILE, check_fp8_device, quantize_decoder
 from .network import HiDreamO1
 from .vlm_inputs import VisionPreprocessConfig
 
@@ -79,7 +80,8 @@ def load_weights(model: HiDreamO1, directory: str | Path, device: torch.device, 
                 if tuple(tensor.shape) != tuple(expected[key].shape):
                     mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}")
                     continue
-                loaded[key] = tensor.to(device=device, dtype=dtype)
+                keep = expected[key].dtype == FP8_DTYPE or key.endswith(".weight_scale")  # FP8 checkpoint
+                loaded[key] = tensor.to(device=device, dtype=expected[key].dtype if keep else dtype)
     missing = sorted(set(expected) - set(loaded))
     problems = []
     if missing:
@@ -157,14 +159,35 @@ def load_tokenizer(directory: str | Path):
     return tok
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_checkpoint(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+    fp8_emulate: bool = False,
+):
+    """`quantize="fp8"`: decoder projections in FP8, quantized at load from a bf16 checkpoint, or read as they
+    are from one written by `hidream-serve quantize` (which loads as fp8 whatever `quantize` says).
+    `fp8_emulate` lets fp8 run on devices without FP8 tensor cores (tests only)."""
     directory = Path(directory)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if quantize not in (None, "fp8"):
+        raise CheckpointError(f"quantize must be 'fp8' or unset, got {quantize!r}")
+    stored_fp8 = (directory / QUANTIZE_FILE).is_file()
+    if (quantize or stored_fp8) and not fp8_emulate:
+        check_fp8_device(device)
     config = load_config(directory)
     model = build_model(config, device, dtype)
+    if stored_fp8:
+        quantize_decoder(model, emulate=fp8_emulate)  # meta FP8 modules: the checkpoint fills them
+        for mod in model.modules():
+            if isinstance(mod, FP8Linear):
+                mod.out_dtype = dtype
     load_weights(model, directory, device, dtype)
+    if quantize and not stored_fp8:
+        quantize_decoder(model, emulate=fp8_emulate)
     model.eval().requires_grad_(False)
     if not (directory / "preprocessor_config.json").is_file():
         raise CheckpointError(f"{directory}: no preprocessor_config.json")

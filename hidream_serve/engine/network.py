@@ -36,6 +36,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 )
 
 from ..vocabulary import PATCH_SIZE
+from .fp8 import FP8Linear
 
 PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE
 TIMESTEP_FREQ_DIM = 256
@@ -148,15 +149,21 @@ class TextMLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
         self.gate_up: torch.Tensor | None = None
+        self.gate_up_fp8: FP8Linear | None = None  # fused projection of a quantize=fp8 model
         self.use_fused = False
 
     def fuse(self) -> None:
-        if self.gate_up is None:
+        if self.gate_up is not None or self.gate_up_fp8 is not None:
+            return
+        if isinstance(self.gate_proj, FP8Linear):
+            self.gate_up_fp8 = FP8Linear.concat([self.gate_proj, self.up_proj])
+        else:
             self.gate_up = _fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fused:
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            fused = self.gate_up_fp8(x) if self.gate_up_fp8 is not None else F.linear(x, self.gate_up)
+            gate, up = fused.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -178,12 +185,16 @@ class TextAttention(nn.Module):
         self.k_norm = Qwen3VLTextRMSNorm(hd, eps=cfg.rms_norm_eps)
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
+        self.qkv_fp8: FP8Linear | None = None  # fused projection of a quantize=fp8 model
         self.use_fused = False
         self.kernel = "sdpa"  # or "fa3": set through HiDreamO1.use_attention_kernel
 
     def fuse(self) -> None:
         """One matmul for q, k and v (inference only; the separate linears become views of it)."""
-        if self.qkv_weight is not None:
+        if self.qkv_weight is not None or self.qkv_fp8 is not None:
+            return
+        if isinstance(self.q_proj, FP8Linear):
+            self.qkv_fp8 = FP8Linear.concat([self.q_proj, self.k_proj, self.v_proj])
             return
         self.qkv_weight = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         if self.q_proj.bias is not None:
@@ -194,7 +205,8 @@ class TextAttention(nn.Module):
         B, T, _ = x.shape
         hd = self.head_dim
         if self.use_fused:
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+            fused = self.qkv_fp8(x) if self.qkv_fp8 is not None else F.linear(x, self.qkv_weight, self.qkv_bias)
+            q, k, v = fused.split(
                 [self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1
             )
         else:

@@ -210,8 +210,10 @@ class HiDreamPipeline:
             yield
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None, **options):
-        return cls(load_checkpoint(path, device, dtype), **options)
+    def from_pretrained(
+        cls, path: str | Path, device="cpu", dtype: torch.dtype | None = None, quantize: str | None = None, **options
+    ):
+        return cls(load_checkpoint(path, device, dtype, quantize=quantize), **options)
 
     @property
     def device(self) -> torch.device:
