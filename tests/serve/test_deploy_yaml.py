@@ -172,6 +172,7 @@ def test_engine_options_are_pipeline_arguments():
 
     # warm_up_size is the Generator's own (it calls pipeline.warm_up after loading)
     accepted = set(inspect.signature(HiDreamPipeline.__init__).parameters) | {"warm_up_size"}
+    accepted |= set(inspect.signature(HiDreamPipeline.from_pretrained).parameters) - {"kwargs", "options"}
     assert set(EngineOptions.model_fields) <= accepted
     assert hasattr(HiDreamPipeline, "warm_up")
     for path in FILES:
