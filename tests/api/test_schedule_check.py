@@ -14,7 +14,7 @@ def test_breaking_shift_is_named_with_the_largest_working_value(steps, shift):
     with pytest.raises(InvalidInput) as exc:
         check_schedule(sampler)
     assert exc.value.field == "shift"
-    largest = float(str(exc.value).rsplit(" ", 1)[-1])
+    largest = float(exc.value.message.rsplit(" ", 1)[-1])
     make_scheduler(sampler.scheduler, largest).set_timesteps(steps)  # the value quoted works
     with pytest.raises(ValueError):
         make_scheduler(sampler.scheduler, largest + 0.01).set_timesteps(steps)
