@@ -1,8 +1,9 @@
 """Generator deployment: one HiDream pipeline per replica (one GPU in production), loaded once.
 
-`generate(GroupJob)` denoises one group of seeds as a batch (the engine chunks it by
-`max_batch`) in a worker thread, so the replica keeps answering health checks while it works, and
-returns a `GroupResult`: PNGs (encoded in parallel) whose text chunks carry the prompt, seed, mode and effective settings.
+`generate(GroupJob)` denoises one group of seeds as a batch (the engine chunks it by `max_batch`) in a
+worker thread, so the replica keeps answering health checks while it works, and returns a `GroupResult`:
+PNGs (encoded in parallel) whose text chunks carry the prompt, seed, mode, layout boxes and effective
+settings, so that a file reproduces its image.
 A cancelled call (deadline, client gone, a sibling group failed) stops the engine at its next step, and
 the call ends only once the engine is free, so Serve never hands a new group to a replica still busy.
 Engine errors are converted to the service's picklable errors before they leave the replica.
@@ -114,7 +115,7 @@ class Generator:
             engine_s = time.perf_counter() - t0
         settings = dict(result.settings)
         text = {"prompt": params.prompt, "mode": params.mode, "settings": settings,
-                "ref_roles": list(params.ref_roles) or None, **job.png_text}  # fmt: skip
+                "ref_roles": list(params.ref_roles) or None, "layout_boxes": params.layout_boxes}  # fmt: skip
         t1 = time.perf_counter()
         pngs = self._encode_all([c.image if c.image is not None else c.preview for c in result.candidates],
                                 [{**text, "seed": str(c.seed)} for c in result.candidates])  # fmt: skip

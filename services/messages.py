@@ -26,7 +26,6 @@ class GroupJob:
     seeds: list[int]
     prune: PrunePlan | None = None
     score_timeout_s: float = 120.0  # deadline of each preview scoring call when pruning
-    png_text: dict[str, Any] = field(default_factory=dict)  # extra PNG text chunks (e.g. layout boxes)
 
 
 @dataclass
@@ -90,10 +89,6 @@ class AppInfo:
     scorers: dict[str, str | None] | None  # None: no scorer deployment
     limits: Limits
     defaults: Defaults
-
-    @property
-    def has_scorer(self) -> bool:
-        return self.scorers is not None
 
 
 def normalize_breakdown(b: dict | None) -> dict[str, dict] | None:

@@ -148,10 +148,9 @@ class Router:
             if prune and self.scorer is None:
                 raise InvalidInput("prune", "pruning needs a scorer and this server has none configured")
             t_valid = time.perf_counter() - t0
-            png_text = {"layout_boxes": params.layout_boxes} if params.layout_boxes else {}
 
             async def generate(p, group):
-                job = GroupJob(p, group, prune, self.config.score_timeout_s, png_text)
+                job = GroupJob(p, group, prune, self.config.score_timeout_s)
                 return await cancel_with_caller(self.generator.generate.remote(job))
 
             context = ScoreContext.for_params(params)

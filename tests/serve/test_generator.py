@@ -158,6 +158,21 @@ def test_generator_output_is_what_the_router_reads(counted):
     gen, _ = counted
     out = asyncio.run(gen.generate(job(GenerationParams(**SMALL, steps=2), [5])))
     assert isinstance(out, GroupResult) and out.replica and out.settings and out.timings.busy_s > 0
+    assert 0 < out.timings.engine_s <= out.timings.busy_s and out.timings.png_s >= 0
+
+
+def test_layout_pngs_carry_their_boxes(counted):
+    import json
+
+    from hidream_serve.api.images import png_text
+    from tests.conftest import make_image
+
+    gen, _ = counted
+    boxes = [[0.1, 0.5, 0.1, 0.9], {"bbox": [0.5, 0.9, 0.2, 0.8], "text": "right"}]
+    params = GenerationParams(mode="layout", prompt="two friends", refs=[make_image(64, 64), make_image(64, 64, 1)],
+                              layout_boxes=boxes, width=128, height=128, exact_size=True, steps=1)  # fmt: skip
+    out = asyncio.run(gen.generate(job(params, [2])))
+    assert json.loads(png_text(out.candidates[0].png)["layout_boxes"]) == boxes
 
 
 def test_replica_start_is_logged_under_serves_logger_with_its_attention_kernel(tiny_dir, caplog):
