@@ -44,7 +44,8 @@ def build_body(args: argparse.Namespace) -> dict:
 def save_winner(response: dict, out: Path) -> str:
     out.write_bytes(base64.b64decode(response["winner"]["image"]))
     candidates = [(c["seed"], c.get("score")) for c in response.get("candidates", [])]
-    return f"saved {out} (winner seed {response['winner']['seed']}; candidates {candidates}; warnings {response.get('warnings')})"
+    winner = response["winner"]["seed"]
+    return f"saved {out} (winner seed {winner}; candidates {candidates}; warnings {response.get('warnings')})"
 
 
 def main(argv: list[str] | None = None) -> int:
