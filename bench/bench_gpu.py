@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import cuda_time  # noqa: E402
 
 from hidream_serve.engine import network  # noqa: E402
+from hidream_serve.engine.fp8 import check_fp8_device, quantize_decoder  # noqa: E402
 from hidream_serve.engine.network import fa3_supports  # noqa: E402
 from hidream_serve.engine.params import GenerationParams  # noqa: E402
 from hidream_serve.engine.pipeline import (  # noqa: E402
@@ -134,6 +135,7 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--levers", action="store_true", help="also time each lever on t2i_full")
     ap.add_argument("--attention", default="auto", choices=["auto", "fa3", "cudnn", "flash"])
+    ap.add_argument("--no-fp8", action="store_true", help="skip the quantize=fp8 cases (run after the bf16 ones)")
     args = ap.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
@@ -150,7 +152,7 @@ def main() -> int:
 
     plain = make_pipeline(model, tok_dir, max_batch=8, fuse=False, attention="flash")
     # before `fast` exists: fusing is a property of the shared model, and the check toggles it
-    parity = check_fast_matches_plain(plain, resolve_attention(args.attention, model), dev)
+    parity, ref32 = check_fast_matches_plain(plain, resolve_attention(args.attention, model), dev)
     fast = make_pipeline(model, tok_dir, max_batch=8, fuse=True, compile=not args.no_compile, attention=args.attention)
 
     per_step_steps = 4 if args.quick else 8
@@ -167,43 +169,8 @@ def main() -> int:
         "bestof4_t2i_pruned": (dict(mode="t2i", recipe="full"), [42, 43, 44, 45], [(0.25, 0.5), (0.5, 0.5)]),
     }  # fmt: skip
 
-    # warm-up (and compilation) on the shapes the cases use
-    t_warm = time.perf_counter()
-    for kw in (dict(mode="t2i", recipe="full"), dict(mode="t2i", recipe="dev")):
-        fast(GenerationParams(**base, **{**kw, "steps": WARM_STEPS}), [1])
-    for n in (2, 3, 4):  # every batch the best-of-4 cases pass through (pruning shrinks it)
-        fast(GenerationParams(**base, mode="t2i", recipe="full", steps=WARM_STEPS), list(range(1, n + 1)))
-    warm_s = time.perf_counter() - t_warm
-    print(f"warm-up (incl. compile) {warm_s:.1f}s")
-
-    cases = {}
-    for name, (kw, seeds, prune) in cases_spec.items():
-        params = GenerationParams(**base, **kw)
-        result, timer, wall, peak = run_case(fast, params, seeds, prune)
-        s = result.settings
-        rows = len(s["prefix_tokens"])
-        flops = step_flops(cfg, s["prefix_tokens"], 1 + s["target_tokens"] + s["ref_tokens"], s["target_tokens"], len(seeds))
-        sps = timer.s_per_step()
-        if prune:  # mixed batch sizes: average over the run, FLOPs counted per candidate-step actually computed
-            computed = sum(c.steps_computed for c in result.candidates)
-            stamps = timer.stamps
-            span = stamps[-1] - stamps[0]
-            sps = span / (len(stamps) - 1)
-            flops = flops / len(seeds) * computed * (len(stamps) - 1) / len(stamps)
-            flops_rate = flops / span
-        else:
-            flops_rate = flops / sps
-        case = {
-            "s_per_step": round(sps, 4), "peak_gib": round(peak, 2), "mfu": round(flops_rate / (ceiling * 1e12), 3),
-            "steps": s["steps"], "seeds": len(seeds), "forwards_per_step": rows * len(seeds),
-            "wall_s": round(wall, 2), "tokens": 1 + s["target_tokens"] + s["ref_tokens"], "prefix_tokens": s["prefix_tokens"],
-        }  # fmt: skip
-        if prune:
-            case["prune"] = [{"at": a, "keep": k} for a, k in prune]
-            case["steps_computed"] = sum(c.steps_computed for c in result.candidates)
-            case["steps_full"] = len(seeds) * s["steps"]
-        cases[name] = case
-        print(f"{name:20s} {sps:.4f} s/step  wall {wall:.2f}s  peak {peak:.2f} GiB  mfu {case['mfu']:.2f}")
+    warm_s = warm_up(fast, base, batches=(1, 2, 3, 4))
+    cases = {name: measure_case(fast, cfg, base, ceiling, name, *spec) for name, spec in cases_spec.items()}
     single = cases["t2i_full"]["wall_s"]
     for name in ("bestof4_t2i", "bestof4_t2i_pruned"):
         cases[name]["single_s"] = single
@@ -212,14 +179,82 @@ def main() -> int:
 
     levers = time_levers(model, tok_dir, base) if args.levers else {}
 
+    attention = fast.attention
+    fp8 = {}
+    if not args.no_fp8:
+        # after every bf16 case: quantizing replaces the shared model's decoder projections in place
+        del fast
+        torch._dynamo.reset()  # compiled bf16 graphs hold the bf16 weights
+        check_fp8_device(dev)
+        t0 = time.perf_counter()
+        quantize_decoder(model)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        fp8 = {"quantize_s": round(time.perf_counter() - t0, 1),
+               "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 2)}  # fmt: skip
+        fast8 = make_pipeline(model, tok_dir, max_batch=8, fuse=True, compile=not args.no_compile,
+                              attention=args.attention)  # fmt: skip
+        parity["fp8_bf16_vs_fp32"] = float(f"{rel_error(predict_once(fast8, dev), ref32):.3e}")
+        parity["fp8_within_budget"] = bool(parity["fp8_bf16_vs_fp32"] <= FP8_ERROR_BUDGET * parity["fast_bf16_vs_fp32"])
+        print(f"fp8 vs float32: {parity['fp8_bf16_vs_fp32']} (budget {FP8_ERROR_BUDGET}x fast bf16)")
+        fp8["warmup_s"] = warm_up(fast8, base, batches=(1,))
+        for name in ("t2i_full", "dev_t2i", "skeleton6"):
+            cases[f"{name}_fp8"] = measure_case(fast8, cfg, base, ceiling, f"{name}_fp8", *cases_spec[name])
+            cases[f"{name}_fp8"]["x_bf16"] = round(cases[name]["s_per_step"] / cases[f"{name}_fp8"]["s_per_step"], 2)
+
     report = {
         "gpu": gpu, "command": command, "torch": torch.__version__, "python": platform.python_version(),
-        "flash_attn": _has_flash_attn(), "compile": not args.no_compile, "attention": fast.attention, "ceiling_tflops": round(ceiling, 1),
-        "weights_gib": round(weights_gib, 2), "model_build_s": round(build_s, 1), "warmup_s": round(warm_s, 1),
-        "fast_vs_plain": parity, "cases": cases, "levers": levers,
+        "flash_attn": _has_flash_attn(), "compile": not args.no_compile, "attention": attention,
+        "ceiling_tflops": round(ceiling, 1), "weights_gib": round(weights_gib, 2), "model_build_s": round(build_s, 1),
+        "warmup_s": round(warm_s, 1), "fast_vs_plain": parity, "cases": cases, "levers": levers, "fp8": fp8,
     }  # fmt: skip
     write_report(report, args.out)
     return 0
+
+
+def warm_up(pipe, base, batches) -> float:
+    """Warm-up (and compilation) on the shapes the cases use: both recipes, and every batch size the
+    best-of-4 cases pass through (pruning shrinks the batch)."""
+    t0 = time.perf_counter()
+    for kw in (dict(mode="t2i", recipe="full"), dict(mode="t2i", recipe="dev")):
+        pipe(GenerationParams(**base, **{**kw, "steps": WARM_STEPS}), [1])
+    for n in batches:
+        if n > 1:
+            pipe(GenerationParams(**base, mode="t2i", recipe="full", steps=WARM_STEPS), list(range(1, n + 1)))
+    warm_s = time.perf_counter() - t0
+    print(f"warm-up (incl. compile) {warm_s:.1f}s")
+    return round(warm_s, 1)
+
+
+def measure_case(pipe, cfg, base, ceiling, name, kw, seeds, prune) -> dict:
+    """One case: per-step time from CUDA events, peak memory, MFU counted from the shapes."""
+    params = GenerationParams(**base, **kw)
+    result, timer, wall, peak = run_case(pipe, params, seeds, prune)
+    s = result.settings
+    rows = len(s["prefix_tokens"])
+    flops = step_flops(cfg, s["prefix_tokens"], 1 + s["target_tokens"] + s["ref_tokens"], s["target_tokens"], len(seeds))
+    sps = timer.s_per_step()
+    if prune:  # mixed batch sizes: average over the run, FLOPs counted per candidate-step actually computed
+        computed = sum(c.steps_computed for c in result.candidates)
+        stamps = timer.stamps
+        span = stamps[-1] - stamps[0]
+        sps = span / (len(stamps) - 1)
+        flops = flops / len(seeds) * computed * (len(stamps) - 1) / len(stamps)
+        flops_rate = flops / span
+    else:
+        flops_rate = flops / sps
+    case = {
+        "s_per_step": round(sps, 4), "peak_gib": round(peak, 2), "mfu": round(flops_rate / (ceiling * 1e12), 3),
+        "steps": s["steps"], "seeds": len(seeds), "forwards_per_step": rows * len(seeds),
+        "wall_s": round(wall, 2), "tokens": 1 + s["target_tokens"] + s["ref_tokens"], "prefix_tokens": s["prefix_tokens"],
+    }  # fmt: skip
+    if prune:
+        case["prune"] = [{"at": a, "keep": k} for a, k in prune]
+        case["steps_computed"] = sum(c.steps_computed for c in result.candidates)
+        case["steps_full"] = len(seeds) * s["steps"]
+    print(f"{name:20s} {len(seeds)} seed(s) {sps:.4f} s/step  wall {wall:.2f}s  peak {peak:.2f} GiB  "
+          f"mfu {case['mfu']:.2f}")  # fmt: skip
+    return case
 
 
 def set_param_dtype(model, dtype) -> None:
@@ -227,42 +262,51 @@ def set_param_dtype(model, dtype) -> None:
         prm.data = prm.data.to(dtype)
 
 
-def check_fast_matches_plain(plain: HiDreamPipeline, fast_attention: str, dev) -> dict:
-    """The fused + compiled bf16 path against the plain bf16 path, both judged against a float32 reference.
+FP8_ERROR_BUDGET = 2.5  # issue 19: FP8 vs float32 may be at most this many times the fast bf16 path's error
+PARITY_PARAMS = dict(mode="skeleton", prompt=PROMPT, width=1024, height=1024, exact_size=True, steps=1)
+
+
+def predict_once(pipe: HiDreamPipeline, dev) -> torch.Tensor:
+    """One x0 prediction of a fixed 2-seed skeleton input (same noise, refs and timestep for every pipeline)."""
+    params = GenerationParams(**PARITY_PARAMS, refs=load_refs(None, ["a", "b"]))
+    g = torch.Generator(dev).manual_seed(1)
+    t = torch.tensor([0.37], device=dev)
+    prep = pipe.prepare(params)
+    z = torch.randn(2, prep.cond.target_len, 3072, device=dev, generator=g).to(torch.bfloat16)
+    ref = prep.cond.ref_patches.to(dev, pipe.dtype)
+    ropes = [pipe.model.gen_rope(c.gen_positions[:, None]) for c in prep.cond.captions]
+    return torch.cat(pipe._predict(prep, z.to(pipe.dtype), ref, t, ropes)).float()
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def check_fast_matches_plain(plain: HiDreamPipeline, fast_attention: str, dev) -> tuple[dict, torch.Tensor]:
+    """The fused + compiled bf16 path against the plain bf16 path, both judged against a float32 reference
+    (returned too, for the FP8 path's check).
 
     "Within bf16 tolerance" means the fast path is no further from float32 than the plain bf16 path is.
     """
-    params = GenerationParams(mode="skeleton", prompt=PROMPT, refs=load_refs(None, ["a", "b"]), width=1024,
-                              height=1024, exact_size=True, steps=1)  # fmt: skip
-    g = torch.Generator(dev).manual_seed(1)
-    t = torch.tensor([0.37], device=dev)
-
-    def predict(pipe):
-        prep = pipe.prepare(params)
-        z = torch.randn(2, prep.cond.target_len, 3072, device=dev, generator=g.manual_seed(1)).to(torch.bfloat16)
-        ref = prep.cond.ref_patches.to(dev, pipe.dtype)
-        ropes = [pipe.model.gen_rope(c.gen_positions[:, None]) for c in prep.cond.captions]
-        return torch.cat(pipe._predict(prep, z.to(pipe.dtype), ref, t, ropes)).float()
-
     # float32 reference: upcast the (still unfused) model in place, then back; bf16 -> fp32 -> bf16 is exact
     # (parameters only: the rope buffers stay float32)
     set_param_dtype(plain.model, torch.float32)
-    ref32 = predict(plain)
+    ref32 = predict_once(plain, dev)
     set_param_dtype(plain.model, torch.bfloat16)
     torch.cuda.empty_cache()
-    a = predict(plain)
+    a = predict_once(plain, dev)
     plain.model.fuse_projections(True)
     plain.attention, plain.layer_fn = fast_attention, CompiledLayer(fast_attention, options=COMPILE_TUNING)
-    b = predict(plain)
+    b = predict_once(plain, dev)
     plain.attention, plain.layer_fn = "flash", None
     plain.model.fuse_projections(False)
-    rel = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
-    out = {"plain_bf16_vs_fp32": rel(a, ref32), "fast_bf16_vs_fp32": rel(b, ref32), "fast_vs_plain": rel(b, a)}
+    out = {"plain_bf16_vs_fp32": rel_error(a, ref32), "fast_bf16_vs_fp32": rel_error(b, ref32),
+           "fast_vs_plain": rel_error(b, a)}  # fmt: skip
     out = {k: float(f"{v:.3e}") for k, v in out.items()}
     out["ok"] = bool(math.isfinite(out["fast_bf16_vs_fp32"])
                      and out["fast_bf16_vs_fp32"] <= 1.25 * out["plain_bf16_vs_fp32"] + 1e-3)  # fmt: skip
     print(f"fast vs plain: {out}")
-    return out
+    return out, ref32
 
 
 def time_levers(model, tok_dir, base) -> dict:

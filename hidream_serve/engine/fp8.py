@@ -100,6 +100,11 @@ def quantize_decoder(model: nn.Module, emulate: bool = False) -> None:
     """Replace the decoder's projections by FP8Linear in place (from bf16 weights, or meta ones before an
     FP8 checkpoint is loaded). `emulate` allows non-FP8 devices (tests only)."""
     for layer in model.model.language_model.layers:
+        # a fused bf16 model: drop the fused tensors (the separate linears are views of them); the next
+        # fuse_projections() fuses the FP8 modules instead
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_weight = attn.qkv_bias = mlp.gate_up = None
+        attn.use_fused = mlp.use_fused = False
         for parent_name, name in DECODER_PROJECTIONS:
             parent = getattr(layer, parent_name)
             lin = getattr(parent, name)
