@@ -63,3 +63,24 @@ def test_checkpoint_round_trip(tiny_dir, tmp_path):
     y_q, y_s, y_p = layer(at_load.model)(x), layer(stored.model)(x), layer(plain)(x)
     assert torch.equal(y_q, y_s)
     assert (y_q - y_p).norm() / y_p.norm() < 0.1
+
+
+def test_quantize_skips_layers_and_projections_and_unfuses_bf16(tiny_dir):
+    from hidream_serve.engine.fp8 import quantize_decoder
+
+    model = load_checkpoint(tiny_dir).model
+    model.fuse_projections(True)  # a fused bf16 model: its fused tensors must go
+    layers = model.model.language_model.layers
+    quantize_decoder(model, emulate=True, skip_layers={0}, skip_projections=("down_proj",))
+    assert all(isinstance(getattr(layers[0].self_attn, n), torch.nn.Linear) for n in ("q_proj", "o_proj"))
+    assert isinstance(layers[1].self_attn.q_proj, FP8Linear) and isinstance(layers[1].mlp.up_proj, FP8Linear)
+    assert all(isinstance(layer.mlp.down_proj, torch.nn.Linear) for layer in layers)
+    assert layers[1].self_attn.qkv_weight is None and layers[1].mlp.gate_up is None
+    model.fuse_projections(True)  # the FP8 layers fuse as FP8, the skipped one as bf16
+    assert layers[1].self_attn.qkv_fp8 is not None and layers[0].self_attn.qkv_weight is not None
+    x = torch.randn(1, 5, model.config.text_config.hidden_size)
+    assert torch.isfinite(layers[1].mlp(x)).all()
+    with pytest.raises(ValueError, match="fused together"):
+        quantize_decoder(model, emulate=True, skip_projections=("q_proj",))
+    with pytest.raises(ValueError, match="unknown"):
+        quantize_decoder(model, emulate=True, skip_projections=("lm_head",))
