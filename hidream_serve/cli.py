@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .calibrate import add_parser as _add_calibrate
 
     _add_calibrate(sub)
+    from .compare import add_parser as _add_compare
+
+    _add_compare(sub)
     return parser
 
 
