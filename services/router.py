@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 
 from hidream_serve.api.checks import precheck
-from hidream_serve.api.errors import PayloadTooLarge, Unavailable, error_response, install_error_handlers
+from hidream_serve.api.errors import BadRequest, PayloadTooLarge, Unavailable, error_response, install_error_handlers
 from hidream_serve.api.images import b64
 from hidream_serve.api.protocol import (
     CandidateOut,
@@ -32,7 +32,9 @@ from hidream_serve.api.protocol import (
     Limits,
     Timings,
     Winner,
+    schema_with_limits,
 )  # fmt: skip
+from hidream_serve.api.request_id import REQUEST_ID_HEADER, RequestIds
 from hidream_serve.engine.errors import InvalidInput
 from hidream_serve.engine.params import DEV, FULL
 from hidream_serve.scoring.context import ScoreContext
@@ -57,7 +59,20 @@ def _config() -> RouterConfig:
         return RouterConfig()
 
 
-install_error_handlers(app, retry_after_s=lambda: _config().retry_after_s)
+def _limits() -> Limits:
+    """This replica's operator limits, which the OpenAPI schema and the validation messages state."""
+    try:
+        return serve.get_replica_context().servable_object.limits
+    except Exception:  # noqa: BLE001 - outside a replica, or before __init__ finished
+        return Limits()
+
+
+def _openapi() -> dict:
+    return schema_with_limits(FastAPI.openapi(app), _limits())
+
+
+install_error_handlers(app, retry_after_s=lambda: _config().retry_after_s, limits=_limits)
+app.openapi = _openapi
 
 
 class _Ingress:
@@ -69,13 +84,17 @@ class _Ingress:
 
     def __init__(self, app):
         self.app = app
+        self.request_ids = RequestIds()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         # Serve's proxy assigns each request an id and passes it in `x-request-id` (and echoes it back).
         headers = Headers(scope=scope)
-        rid = headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            rid = self.request_ids.assign(headers.get(REQUEST_ID_HEADER))
+        except BadRequest as err:
+            return await error_response(err, uuid.uuid4().hex)(scope, receive, send)
         state = scope.setdefault("state", {})
         state["request_id"], state["t0"] = rid, time.perf_counter()
         limit = _config().max_body_bytes
@@ -118,7 +137,7 @@ app.add_middleware(_Ingress)
 def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Defaults):
     """The whole request check (decodes the reference images): (params, seeds, precheck's answer)."""
     params, seeds = body.to_engine(mode, limits, defaults)
-    return params, seeds, precheck(params, seeds, limits)
+    return params, seeds, precheck(params, seeds, limits, body.prune_plan())
 
 
 @serve.deployment(name="Router", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})

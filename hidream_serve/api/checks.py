@@ -8,7 +8,7 @@ exact per-ref sizes) the generator still checks, and its errors come back named 
 from __future__ import annotations
 
 from hidream_serve.engine.errors import InvalidInput
-from hidream_serve.engine.layout import parse_layout_boxes, render_layout
+from hidream_serve.engine.layout import MAX_DRAWN_BOXES, LayoutBox, parse_layout_boxes, render_layout
 from hidream_serve.engine.params import (
     GenerationParams,
     check_mode_inputs,
@@ -18,12 +18,14 @@ from hidream_serve.engine.params import (
 )  # fmt: skip
 from hidream_serve.engine.resolution import resolve_size
 from hidream_serve.engine.sizing import keep_aspect_size
+from hidream_serve.scoring.pruning import PrunePlan
 
 from .protocol import Limits
 
 
-def precheck(params: GenerationParams, seeds: list[int], limits: Limits) -> dict:
-    """Raises InvalidInput naming the field; returns the effective settings known before generating."""
+def precheck(params: GenerationParams, seeds: list[int], limits: Limits, prune: PrunePlan | None = None) -> dict:
+    """Raises InvalidInput naming the field; returns the effective settings known before generating, with a
+    warning for every input that will have no effect."""
     check_seeds(seeds)
     check_mode_inputs(params)
     for i, img in enumerate(params.refs):
@@ -41,15 +43,50 @@ def precheck(params: GenerationParams, seeds: list[int], limits: Limits) -> dict
     else:
         width, height, warn = resolve_size(params.width, params.height, params.exact_size)
         if width * height > limits.max_pixels:
-            raise InvalidInput("width", f"width*height = {width * height} is more than this server's "
-                               f"limit of {limits.max_pixels} pixels")  # fmt: skip
+            if (width, height) == (params.width, params.height):
+                raise InvalidInput("width", f"width*height = {width * height} is more than this server's "
+                                   f"limit of {limits.max_pixels} pixels")  # fmt: skip
+            raise InvalidInput("width", f"{params.width}x{params.height} snaps to the trained size {width}x{height} "
+                               f"= {width * height} pixels, more than this server's limit of {limits.max_pixels}; "
+                               "with exact_size=true the size is used as given")  # fmt: skip
         if warn:
             warnings.append(warn)
     if params.mode == "layout":
         boxes = parse_layout_boxes(params.layout_boxes)
-        render_layout(boxes, width, height)  # rejects boxes that are empty at the output size
+        _, colors = render_layout(boxes, width, height)  # rejects boxes that are empty at the output size
+        warnings += layout_warnings(boxes, colors, len(params.refs))
+    if prune is not None and len(seeds) < 2:
+        warnings.append("prune has no effect with a single candidate: there is nothing to rank")
     return {"width": width, "height": height, "steps": sampler.steps, "recipe": sampler.recipe,
             "guidance": sampler.guidance, "warnings": warnings}  # fmt: skip
+
+
+def layout_warnings(boxes: list[LayoutBox], colors: list, n_refs: int) -> list[str]:
+    """What the layout image will not show. As in the official pipeline, box text is parsed but never drawn,
+    only the largest boxes are drawn, and ref i is framed in box i's colour (a ref without a drawn box gets a
+    colour that places it nowhere)."""
+    warnings = []
+    with_text = [i for i, b in enumerate(boxes) if b.text]
+    if with_text:
+        warnings.append(f"{_fields('layout_boxes', with_text, '.text')} not used: the layout image shows only the "
+                        "boxes; describe what goes in a box in the prompt")  # fmt: skip
+    undrawn = [i for i, c in enumerate(colors) if c is None]
+    if undrawn:
+        warnings.append(f"{_fields('layout_boxes', undrawn)} not drawn: only the {MAX_DRAWN_BOXES} largest boxes "
+                        "are drawn")  # fmt: skip
+    unplaced = [i for i in range(n_refs) if i >= len(colors) or colors[i] is None]
+    if unplaced:
+        warnings.append(f"{_fields('refs', unplaced)}: no drawn box (ref i goes in layout_boxes[i]): nothing "
+                        "places them")  # fmt: skip
+    empty = [i for i in range(n_refs, len(boxes)) if colors[i] is not None]
+    if empty:
+        warnings.append(f"{_fields('layout_boxes', empty)}: no reference image (box i holds refs[i]): "
+                        "drawn without a subject")  # fmt: skip
+    return warnings
+
+
+def _fields(name: str, idx: list[int], suffix: str = "") -> str:
+    return ", ".join(f"{name}[{i}]{suffix}" for i in idx)
 
 
 def _schedule_works(scheduler: str, shift: float, steps: int, timesteps) -> bool:

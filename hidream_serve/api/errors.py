@@ -77,6 +77,20 @@ class DeadlineExceeded(ServiceError):
     type = "timeout"
 
 
+class NotFound(ServiceError):
+    """A resource named in the path (a job, a job's image) does not exist."""
+
+    status = 404
+    type = "not_found"
+
+
+class Conflict(ServiceError):
+    """The request conflicts with an earlier one (an Idempotency-Key reused with another body)."""
+
+    status = 409
+    type = "conflict"
+
+
 class Internal(ServiceError):
     """Anything unexpected: 500, no detail (ServiceError's own status and type)."""
 
@@ -158,10 +172,48 @@ def format_loc(loc: Sequence[Any]) -> str:
     return out or "body"
 
 
-def validation_error(errors: Sequence[dict]) -> BadRequest:
-    """Pydantic/FastAPI validation errors -> one BadRequest naming the first field; all are listed too."""
+def body_parse_error(cause: BaseException | None) -> BadRequest:
+    """FastAPI's 400 "There was an error parsing the body" (raised from the decoding error) -> a 422 naming
+    `body` that says what is wrong with it, like malformed JSON."""
+    if isinstance(cause, UnicodeDecodeError):
+        why = f"the body is not valid {cause.encoding.upper()} (byte {cause.start}: {cause.reason})"
+    elif isinstance(cause, RecursionError):
+        why = "the body's JSON is nested too deeply"
+    else:
+        why = "the body could not be read as JSON"
+    return BadRequest(why, field="body")
+
+
+_BOUND_ERRORS = ("less_than_equal", "too_long", "string_too_long")
+
+
+def _over_limit(e: dict, limits) -> str | None:
+    """Past the protocol's hard bound of a field the operator limits: the message quotes the server's limit."""
+    from .protocol import LIMITED_FIELDS
+
+    loc = list(e.get("loc", ()))
+    if limits is None or e.get("type") not in _BOUND_ERRORS or len(loc) != 2 or loc[1] not in LIMITED_FIELDS:
+        return None
+    limit = getattr(limits, LIMITED_FIELDS[loc[1]][0])
+    value = e.get("input")
+    if isinstance(value, str):
+        got = f"{len(value)} characters"
+    elif isinstance(value, (list, tuple)):
+        got = f"{len(value)} items"
+    else:
+        got = repr(value)
+    return f"must be at most {limit} (this server's limit), got {got}"
+
+
+def validation_error(errors: Sequence[dict], limits=None) -> BadRequest:
+    """Pydantic/FastAPI validation errors -> one BadRequest naming the first field; all are listed too.
+    `limits` (the operator's `Limits`) words the bounds it sets as the server's, not the protocol's."""
     items = []
     for e in errors:
+        over = _over_limit(e, limits)
+        if over is not None:
+            items.append({"field": format_loc(e["loc"]), "message": over})
+            continue
         if e.get("type") == "json_invalid":  # FastAPI: loc ("body", character position), ctx {"error": why}
             loc = list(e.get("loc", ()))
             pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
@@ -170,6 +222,10 @@ def validation_error(errors: Sequence[dict]) -> BadRequest:
             items.append({"field": "body", "message": f"the body is not valid JSON{where}: {why}"})
             continue
         loc = list(e.get("loc", ()))
+        if loc == ["body"] and isinstance(e.get("input"), (bytes, bytearray)):  # FastAPI read no JSON: wrong type
+            items.append({"field": "body", "message": "the body must be a JSON object sent with "
+                          "Content-Type: application/json"})  # fmt: skip
+            continue
         # pydantic appends the union member / tag to the loc (e.g. "list[float]"); drop such noise for the name
         loc = [p for p in loc if isinstance(p, int) or "[" not in str(p) and not str(p).startswith("function-")]
         items.append({"field": format_loc(loc), "message": str(e.get("msg", "invalid"))})
@@ -195,8 +251,9 @@ def error_response(exc: BaseException, request_id: str | None = None, retry_afte
     return JSONResponse(body, status_code=err.status, headers=err.headers())
 
 
-def install_error_handlers(app, retry_after_s=lambda: DEFAULT_RETRY_AFTER_S) -> None:
-    """Route every error a FastAPI app can produce through `error_response`."""
+def install_error_handlers(app, retry_after_s=lambda: DEFAULT_RETRY_AFTER_S, limits=lambda: None) -> None:
+    """Route every error a FastAPI app can produce through `error_response`; `limits()` gives the operator's
+    `Limits` that validation messages quote."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
@@ -205,10 +262,12 @@ def install_error_handlers(app, retry_after_s=lambda: DEFAULT_RETRY_AFTER_S) -> 
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc: RequestValidationError):
-        return error_response(validation_error(exc.errors()), rid(request), retry_after_s())
+        return error_response(validation_error(exc.errors(), limits()), rid(request), retry_after_s())
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):
+        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):  # body not decodable
+            return error_response(body_parse_error(exc.__cause__), rid(request), retry_after_s())
         err = HTTPError(str(exc.detail), exc.status_code, getattr(exc, "headers", None))
         return error_response(err, rid(request), retry_after_s())
 

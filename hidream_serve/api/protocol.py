@@ -8,10 +8,12 @@ deployment's `Defaults`, then the recipe's values.
 
 from __future__ import annotations
 
+import copy
+import re
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from hidream_serve.engine.errors import InvalidInput
@@ -37,6 +39,21 @@ RANDOM_SEED_BOUND = 2**31  # a server-chosen first seed is below this, so seed +
 ReturnWhat = Literal["winner", "all"]
 
 
+_CONTROL_CHAR = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0/C1 controls but tab, LF, CR
+
+
+def _printable(v: str) -> str:
+    """Text that reaches the model and the PNG's text chunks: no NUL or other control characters."""
+    m = _CONTROL_CHAR.search(v)
+    if m:
+        raise PydanticCustomError("control_character", "contains the control character {char} at position {pos}",
+                                  {"char": f"U+{ord(m.group()):04X}", "pos": m.start()})  # fmt: skip
+    return v
+
+
+Text = Annotated[str, AfterValidator(_printable)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
@@ -54,6 +71,28 @@ class Limits(_Strict):
     max_image_bytes: int = Field(20 * 2**20, ge=1024, description="encoded size of one reference image")
     max_image_pixels: int = Field(50_000_000, ge=64 * 64, description="decoded size of one reference image")
     max_prompt_chars: int = Field(4000, ge=1, le=HARD_MAX_PROMPT)
+
+
+# Request fields whose bound the operator sets: field -> (Limits attribute, JSON-schema keyword of the bound).
+LIMITED_FIELDS = {
+    "prompt": ("max_prompt_chars", "maxLength"),
+    "n": ("max_n", "maximum"),
+    "seeds": ("max_n", "maxItems"),
+    "steps": ("max_steps", "maximum"),
+    "refs": ("max_refs", "maxItems"),
+}
+
+
+def schema_with_limits(openapi: dict, limits: Limits) -> dict:
+    """A copy of the OpenAPI schema whose GenerateRequest bounds are this server's `limits` (the models carry the
+    protocol's hard bounds), so that clients and fuzzers see what the server accepts."""
+    out = copy.deepcopy(openapi)
+    props = out.get("components", {}).get("schemas", {}).get("GenerateRequest", {}).get("properties", {})
+    for name, (attr, keyword) in LIMITED_FIELDS.items():
+        for variant in props.get(name, {}).get("anyOf", [props.get(name, {})]):  # `X | None`: the X variant
+            if keyword in variant:
+                variant[keyword] = getattr(limits, attr)
+    return out
 
 
 class Defaults(_Strict):
@@ -79,7 +118,7 @@ class LayoutBoxIn(_Strict):
     bbox: Annotated[list[float], Field(min_length=4, max_length=4)] = Field(
         ..., description="[x1, x2, y1, y2] as fractions of the output size (note the x-x-y-y order)"
     )
-    text: str = Field("", max_length=1000)
+    text: Text = Field("", max_length=1000)
 
 
 def _box_item(v: Any) -> Any:
@@ -100,7 +139,7 @@ class PruneStage(_Strict):
 
 
 class GenerateRequest(_Strict):
-    prompt: str = Field("", max_length=HARD_MAX_PROMPT)
+    prompt: Text = Field("", max_length=HARD_MAX_PROMPT)
     refs: list[RefImage] = Field(default_factory=list, max_length=HARD_MAX_REFS)
     layout_boxes: list[BoxItem] | None = Field(
         None, max_length=64, description="boxes [x1, x2, y1, y2] (fractions) or {bbox, text}; layout mode only"
@@ -292,8 +331,10 @@ class ErrorResponse(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "the body or a reference image is too large"},
-    422: {"model": ErrorResponse, "description": "invalid input; `error.field` names the field"},
+    422: {"model": ErrorResponse, "description": "invalid input (the body, a field or the x-request-id header); "
+          "`error.field` names it"},
     503: {"model": ErrorResponse, "description": "at capacity or not ready; retry after `Retry-After` seconds"},
     504: {"model": ErrorResponse, "description": "the request took too long"},
+    500: {"model": ErrorResponse, "description": "an internal error; `error.request_id` finds it in the logs"},
 }
 

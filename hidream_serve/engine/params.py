@@ -149,6 +149,11 @@ def resolve_sampler(p: GenerationParams) -> tuple[SamplerSettings, list[str]]:
         values[name] = float(v)
     if scheduler != "flash" and (p.noise_scale_end is not None or p.noise_clip_std is not None):
         warnings.append("noise_scale_end and noise_clip_std only act with the flash scheduler")
+    if timesteps is not None and p.shift is not None:
+        warnings.append(f"shift is not used: recipe {p.recipe!r} runs its {len(timesteps)} fixed timesteps "
+                        "(shift applies with another number of steps)")  # fmt: skip
+    if p.guidance is not None and 0.0 < values["guidance"] < 1.0:
+        warnings.append("guidance below 1 acts as no guidance (classifier-free guidance runs only above 1)")
     return SamplerSettings(recipe=p.recipe, steps=steps, scheduler=scheduler, timesteps=timesteps, **values), warnings
 
 

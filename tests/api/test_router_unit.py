@@ -79,7 +79,7 @@ def test_decoding_and_checks_run_off_the_event_loop_in_one_thread_call(monkeypat
         threads["to_engine"] = threading.get_ident()
         return real_to_engine(self, *args, **kwargs)
 
-    def precheck(params, seeds, limits):
+    def precheck(params, seeds, limits, prune=None):
         threads["precheck"] = threading.get_ident()
         raise InvalidInput("prompt", "stop here")
 
