@@ -31,9 +31,10 @@ from hidream_serve.engine.errors import InvalidInput
 from hidream_serve.engine.params import recipe_for
 from hidream_serve.engine.resolution import resolve_size
 
-from .config import EngineOptions, GeneratorConfig, RouterConfig, ScorerConfig
+from .config import EngineOptions, GeneratorConfig, JobsConfig, JobStoreOptions, RouterConfig, ScorerConfig
 from .fanout import group_size
 from .generator import Generator
+from .jobs import Jobs
 from .messages import AppInfo
 from .router import Router
 from .scorer import Scorer
@@ -69,6 +70,8 @@ class AppArgs(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig, description="Router user_config (seeds_per_call...)")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="Generator user_config")
     scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="Scorer user_config")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="Jobs user_config (previews, retention...)")
+    job_store: JobStoreOptions = Field(default_factory=JobStoreOptions, description="where jobs and results live")
 
     @model_validator(mode="after")
     def _pruning_can_rank(self) -> "AppArgs":
@@ -144,8 +147,10 @@ def assemble(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) ->
     info = AppInfo(model=model, model_name=_display_name(model),
                    scorers={k: specs[k] for k in ("pickscore", "clip", "dino")} if scorer_on else None,
                    limits=args.limits, defaults=args.defaults)  # fmt: skip
+    jobs = Jobs.options(user_config=args.jobs.model_dump(), **options.get("Jobs", {}))
+    jobs = jobs.bind(generator, scorer, info, args.job_store, args.router)
     router = Router.options(user_config=args.router.model_dump(), **options.get("Router", {}))
-    return router.bind(generator, scorer, info)
+    return router.bind(generator, scorer, info, jobs)
 
 
 def build_app(args: AppArgs) -> Application:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hidream_serve.scoring.settings import ModeWeights, RoleWeights
 
@@ -91,3 +91,35 @@ def pick_dtype(dtype: str, device: str):
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+class JobsConfig(_Config):
+    """The Jobs deployment's user_config: how jobs run, report and are kept."""
+
+    max_running: int = Field(4, ge=1, le=1024, description="jobs running at once (the rest wait in order)")
+    preview_at: list[float] = Field([0.25, 0.5, 0.75], max_length=16,
+                                    description="fractions of the steps after which a preview event is sent")  # fmt: skip
+    preview_size: int = Field(384, ge=16, le=2048, description="longest side of a preview image")
+    preview_format: Literal["jpeg", "webp"] = "jpeg"
+    retry_unavailable_s: float = Field(3600.0, ge=0, description="how long a job retries a seed group that meets "
+                                       "back-pressure or a lost replica before giving it up")  # fmt: skip
+    events_wait_s: float = Field(2.0, gt=0, le=60, description="longest wait of one event poll (SSE keep-alive)")
+    retention_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="finished jobs older than this are deleted")
+    retention_quota_bytes: int | None = Field(None, ge=0, description="result files above this are deleted, "
+                                              "oldest finished job first")  # fmt: skip
+    retention_interval_s: float = Field(600.0, gt=0, description="how often retention runs")
+
+    @field_validator("preview_at")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in v):
+            raise ValueError("each preview fraction must be in (0, 1]")
+        return sorted(set(v))
+
+
+class JobStoreOptions(_Config):
+    """Where the Jobs deployment keeps its SQLite store and result files (unset: under the cache directory;
+    on a cluster, a shared volume)."""
+
+    db_path: str | None = None
+    results_dir: str | None = None

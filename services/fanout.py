@@ -56,10 +56,24 @@ class GroupRun:
     seeds: list[int]
     result: GroupResult
     wall_s: float
+    sent_at: float = 0.0  # time.time() when the router made the call
+    received_at: float = 0.0  # time.time() when it held the result
 
     @property
     def queued_s(self) -> float:
         return max(0.0, self.wall_s - self.result.timings.busy_s)
+
+    @property
+    def dispatch_s(self) -> float | None:
+        """Call to replica start: waiting for a free replica plus the job's trip (None: no replica clock)."""
+        started = self.result.timings.started_at
+        return max(0.0, started - self.sent_at) if started and self.sent_at else None
+
+    @property
+    def return_s(self) -> float | None:
+        """Replica return to the router holding the result: Ray moving the GroupResult (its PNGs)."""
+        finished = self.result.timings.finished_at
+        return max(0.0, self.received_at - finished) if finished and self.received_at else None
 
 
 @dataclass
@@ -120,9 +134,9 @@ async def generate_groups(params: GenerationParams, groups: list[list[int]], gen
     cancels the rest); any other failure drops that group's seeds with a warning, unless all failed."""
 
     async def one(group: list[int]) -> GroupRun:
-        start = time.perf_counter()
+        sent_at, start = time.time(), time.perf_counter()
         result = await asyncio.wait_for(generate(params, group), config.generate_timeout_s)
-        return GroupRun(group, result, time.perf_counter() - start)
+        return GroupRun(group, result, time.perf_counter() - start, sent_at, time.time())
 
     tasks = [asyncio.ensure_future(one(g)) for g in groups]
     try:
@@ -163,15 +177,15 @@ def collect_candidates(runs: list[GroupRun], seeds: list[int], warnings: list[st
 
 
 async def score_candidates(prompt: str, candidates: list[Scored], score: ScoreFn | None, config: RouterConfig,
-                           warnings: list[str]) -> tuple[bool, str | None]:  # fmt: skip
-    """Score the finished candidates in one call, in place; (any scored, scorer replica). A failure never
-    loses candidates: they stay unscored, with a warning."""
+                           warnings: list[str]) -> tuple[bool, str | None, float]:  # fmt: skip
+    """Score the finished candidates in one call, in place; (any scored, scorer replica, the scorer's own
+    seconds). A failure never loses candidates: they stay unscored, with a warning."""
     to_score = [c for c in candidates if c.png is not None and c.pruned_at_step is None]
     if score is None:
         warnings.append("no scorer is configured: candidates are unscored and the winner is the lowest seed")
-        return False, None
+        return False, None, 0.0
     if not to_score:
-        return False, None
+        return False, None, 0.0
     try:
         res = await asyncio.wait_for(score(prompt, [c.png for c in to_score]), config.score_timeout_s)
         if len(res.composite) != len(to_score):
@@ -185,7 +199,7 @@ async def score_candidates(prompt: str, candidates: list[Scored], score: ScoreFn
             reason = f"timed out after {config.score_timeout_s:g}s"
         log.warning("scoring failed: %r", e)
         warnings.append(f"scoring failed ({reason}): candidates are unscored and the winner is the lowest seed")
-        return False, None
+        return False, None, 0.0
     bad = 0
     for c, s, b in zip(to_score, res.composite, res.scores):
         if s is None or not math.isfinite(float(s)):
@@ -195,7 +209,7 @@ async def score_candidates(prompt: str, candidates: list[Scored], score: ScoreFn
     _add(warnings, res.warnings)
     if bad:
         warnings.append(f"{bad} candidate(s) got no finite score and count as unscored")
-    return bad < len(to_score), res.replica
+    return bad < len(to_score), res.replica, res.seconds
 
 
 async def best_of_n(params: GenerationParams, seeds: list[int], generate: GenerateFn, score: ScoreFn | None,
@@ -206,9 +220,9 @@ async def best_of_n(params: GenerationParams, seeds: list[int], generate: Genera
     t_gen = time.perf_counter() - t0
     candidates = collect_candidates(runs, seeds, warnings)
     t1 = time.perf_counter()
-    scored, scorer = await score_candidates(params.prompt, candidates, score, config, warnings)
+    scored, scorer, score_compute = await score_candidates(params.prompt, candidates, score, config, warnings)
     timings = {"queued": max((r.queued_s for r in runs), default=0.0), "generate": t_gen,
-               "score": time.perf_counter() - t1}  # fmt: skip
+               "score": time.perf_counter() - t1, "score_compute": score_compute}  # fmt: skip
     return Outcome(candidates=candidates, winner=pick_winner(candidates), scored=scored,
                    settings=runs[0].result.settings, warnings=warnings, groups=runs, scorer=scorer,
                    timings=timings)  # fmt: skip

@@ -29,6 +29,7 @@ from hidream_serve.scoring.context import ScoreContext
 from .config import GeneratorConfig, pick_device, pick_dtype, replica_name
 from .fanout import cancel_with_caller
 from .messages import CandidateResult, GroupJob, GroupResult, GroupTimings, ScoreJob, ScoreResult
+from .progress import ProgressHook
 from .pruning import GenerationCancelled, PruningHook
 
 log = logging.getLogger("ray.serve.hidream.generator")  # under Serve's logger: replica logs
@@ -68,8 +69,31 @@ class Generator:
         if self._broken:
             raise RuntimeError(f"generator replica is unusable: {self._broken}")
 
-    async def generate(self, job: GroupJob) -> GroupResult:
-        t0 = time.perf_counter()
+    async def generate_stream(self, job: GroupJob):
+        """Streaming `generate`: yields `StepProgress` and `PreviewImage` messages as the engine runs (as
+        `job.progress` asks), then the `GroupResult`. Cancelling the stream stops the engine at its next step."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        work = asyncio.ensure_future(self.generate(job, emit=lambda m: loop.call_soon_threadsafe(queue.put_nowait, m)))
+        try:
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait({get, work}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield get.result()
+                    continue
+                get.cancel()
+                while not queue.empty():
+                    yield queue.get_nowait()
+                yield work.result()  # raises the call's error
+                return
+        finally:
+            if not work.done():
+                work.cancel()  # generate() stops the engine and waits for it
+                await asyncio.wait({work})
+
+    async def generate(self, job: GroupJob, emit=None) -> GroupResult:
+        started_at, t0 = time.time(), time.perf_counter()
         cancel = threading.Event()
         hook = None
         if job.prune is not None and self.scorer is not None:
@@ -79,7 +103,8 @@ class Generator:
                 return await cancel_with_caller(self.scorer.score.remote(ScoreJob(job.params.prompt, pngs, context)))
 
             hook = PruningHook(job.prune, score_previews, asyncio.get_running_loop(), job.score_timeout_s, cancel)
-        work = asyncio.ensure_future(asyncio.to_thread(self._generate, job, hook, cancel))
+        progress = ProgressHook(job.progress, emit) if emit is not None and job.progress is not None else None
+        work = asyncio.ensure_future(asyncio.to_thread(self._generate, job, hook, cancel, progress))
         try:
             out = await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -94,14 +119,18 @@ class Generator:
         except Exception as e:  # noqa: BLE001 - every error leaves as a picklable ServiceError
             raise self._convert(e) from None
         out.timings.busy_s = time.perf_counter() - t0
+        out.timings.started_at, out.timings.finished_at = started_at, time.time()
         return out
 
-    def _generate(self, job: GroupJob, hook: PruningHook | None, cancel: threading.Event) -> GroupResult:
+    def _generate(self, job: GroupJob, hook: PruningHook | None, cancel: threading.Event,
+                  progress: ProgressHook | None = None) -> GroupResult:  # fmt: skip
         params, seeds = job.params, list(job.seeds)
 
-        def on_step(state):  # every step: stop if cancelled, then prune if asked
+        def on_step(state):  # every step: stop if cancelled, report, then prune if asked
             if cancel.is_set():
                 raise GenerationCancelled()
+            if progress is not None:
+                progress(state)
             return None if hook is None else hook(state)
 
         warnings: list[str] = []
@@ -128,7 +157,8 @@ class Generator:
         ]
         warnings = list(result.warnings) + warnings + (hook.warnings if hook is not None else [])
         return GroupResult(replica=self.replica, candidates=candidates, settings=settings, warnings=warnings,
-                           timings=GroupTimings(engine_s=engine_s, png_s=png_s))  # fmt: skip
+                           timings=GroupTimings(engine_s=engine_s, png_s=png_s,
+                                                preview_score_s=hook.seconds if hook is not None else 0.0))  # fmt: skip
 
     def _encode_all(self, images: list, texts: list[dict]) -> list[bytes | None]:
         """PNG-encode a group's images in parallel (zlib releases the GIL): a 2048x2048 PNG takes ~1 s alone."""

@@ -1,6 +1,7 @@
 """The typed messages between the deployments (plain dataclasses: they pickle through Ray as they are).
 
-Router -> Generator: `GroupJob` (one seed group, one batch on one replica) -> `GroupResult`.
+Router or Jobs -> Generator: `GroupJob` (one seed group, one batch on one replica) -> `GroupResult`; the
+streaming call (`generate_stream`) yields `StepProgress` and `PreviewImage` before the `GroupResult`.
 Router or Generator -> Scorer: `ScoreJob` -> `ScoreResult`.
 build_app -> Router: `AppInfo`.
 No torch here: the router (CPU-only ingress) builds and reads them.
@@ -19,6 +20,16 @@ from hidream_serve.scoring.pruning import PrunePlan
 
 
 @dataclass(frozen=True)
+class ProgressPlan:
+    """What a streaming generator call reports: progress every step, and x0 previews at these fractions of
+    the steps, as small JPEG or WebP images (longest side `preview_size`)."""
+
+    preview_at: tuple[float, ...] = (0.25, 0.5, 0.75)
+    preview_size: int = 384
+    preview_format: str = "jpeg"  # or "webp"
+
+
+@dataclass(frozen=True)
 class GroupJob:
     """One group of seeds to denoise as a batch, and how to prune it (None: run every step)."""
 
@@ -26,6 +37,26 @@ class GroupJob:
     seeds: list[int]
     prune: PrunePlan | None = None
     score_timeout_s: float = 120.0  # deadline of each preview scoring call when pruning
+    progress: ProgressPlan | None = None  # streaming calls only
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """A step finished for these (still active) seeds."""
+
+    seeds: list[int]
+    step: int  # 1-based: steps done
+    steps: int
+
+
+@dataclass(frozen=True)
+class PreviewImage:
+    """The x0 prediction of one candidate after `step` steps, encoded small."""
+
+    seed: int
+    step: int
+    image: bytes
+    media_type: str  # image/jpeg or image/webp
 
 
 @dataclass
@@ -50,6 +81,11 @@ class GroupTimings:
     engine_s: float = 0.0  # the denoising call
     png_s: float = 0.0  # encoding the PNGs
     busy_s: float = 0.0  # the whole call on the replica, from its start (waiting for the engine included)
+    preview_score_s: float = 0.0  # within engine_s: encoding the previews and waiting for their scores (pruning)
+    # time.time() on the replica when the call started and returned; the router compares them with its own clock
+    # (one host, or hosts with synchronised clocks) to tell the job's trip from the result's
+    started_at: float = 0.0
+    finished_at: float = 0.0
 
 
 @dataclass

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
 from hidream_serve.api.images import encode_png
@@ -37,6 +38,7 @@ class PruningHook:
         self.previews: dict[int, PreviewScore] = {}
         self.warnings: list[str] = []
         self.pending: concurrent.futures.Future | None = None  # the score call in flight, for `abort`
+        self.seconds = 0.0  # encoding previews and waiting for their scores, over every stage
         self._schedule: dict[int, float] | None = None
 
     def abort(self) -> None:
@@ -50,6 +52,13 @@ class PruningHook:
         keep = self._schedule.get(state.step)
         if keep is None or len(state.seeds) < 2:
             return None
+        t0 = time.perf_counter()
+        try:
+            return self._prune(state, keep)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _prune(self, state, keep: float):
         pngs = [encode_png(state.preview(i), compress_level=1) for i in range(len(state.seeds))]
         self.pending = asyncio.run_coroutine_threadsafe(self.score(pngs), self.loop)
         try:

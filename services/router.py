@@ -40,6 +40,7 @@ from hidream_serve.engine.params import DEV, FULL
 from hidream_serve.scoring.context import ScoreContext
 from hidream_serve.vocabulary import MODES, RECIPES, ROLES, SCHEDULERS, Mode
 
+from . import job_routes
 from .config import RouterConfig
 from .fanout import best_of_n, cancel_with_caller
 from .messages import AppInfo, GroupJob, ScoreJob
@@ -132,6 +133,7 @@ def _replay(messages: list[dict], receive):
 
 
 app.add_middleware(_Ingress)
+app.include_router(job_routes.api)  # before @serve.ingress(app), which freezes a copy of the app
 
 
 def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Defaults):
@@ -143,9 +145,11 @@ def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Default
 @serve.deployment(name="Router", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Router:
-    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, info: AppInfo):
+    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, info: AppInfo,
+                 jobs: DeploymentHandle | None = None):  # fmt: skip
         self.generator = generator
         self.scorer = scorer
+        self.jobs = jobs  # the Jobs deployment: /v1/jobs (services/job_routes.py)
         self.limits, self.defaults = info.limits, info.defaults
         self.info = info
         self.config = RouterConfig()
@@ -182,6 +186,7 @@ class Router:
         except Exception as e:  # noqa: BLE001 - the one mapping, in hidream_serve.api.errors
             return error_response(e, rid, self.config.retry_after_s)
 
+        t_encode = time.perf_counter()
         warnings = list(dict.fromkeys(pre["warnings"] + out.warnings))
         full = body.return_ == "all"
         candidates = [
@@ -194,7 +199,9 @@ class Router:
         for g in out.groups:
             replicas.setdefault(g.result.replica, []).extend(g.seeds)
         groups = [GroupInfo(replica=g.result.replica, seeds=g.seeds, queued=g.queued_s, seconds=g.wall_s,
-                            engine=g.result.timings.engine_s, png=g.result.timings.png_s) for g in out.groups]  # fmt: skip
+                            engine=g.result.timings.engine_s, png=g.result.timings.png_s,
+                            preview_score=g.result.timings.preview_score_s, dispatch=g.dispatch_s,
+                            returned=g.return_s) for g in out.groups]  # fmt: skip
         steps = int(out.settings.get("steps") or pre["steps"])
         resp = GenerateResponse(
             id=rid, mode=mode, scored=out.scored,
@@ -205,7 +212,13 @@ class Router:
             debug=Debug(replicas=replicas, groups=groups, scorer=out.scorer),
         )  # fmt: skip
         log.info("request %s %s n=%d winner=%d total=%.2fs", rid, mode, len(seeds), out.winner.seed, resp.timings.total)
-        return JSONResponse(resp.model_dump(mode="json", by_alias=True))
+        response = JSONResponse(resp.model_dump(mode="json", by_alias=True))
+        # what the body cannot carry about itself: building and serialising it (base64 included), and the whole
+        # time in the router up to here (ms, https://www.w3.org/TR/server-timing/)
+        now = time.perf_counter()
+        timing = f"encode;dur={(now - t_encode) * 1e3:.2f}, router;dur={(now - t0) * 1e3:.2f}"
+        response.headers["Server-Timing"] = timing
+        return response
 
     # -- metadata and probes ------------------------------------------------------------------------------
     @app.get("/v1/models")

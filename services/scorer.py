@@ -20,6 +20,7 @@ from ray import serve
 from hidream_serve.api.errors import classify
 from hidream_serve.api.images import decode_png
 from hidream_serve.embedded import optional_model_dir
+from hidream_serve.scoring.random_full import is_random_full
 
 from .config import ScorerConfig, pick_device, pick_dtype, replica_name
 from .messages import ScoreJob, ScoreResult
@@ -42,7 +43,7 @@ class Scorer:
         for name in MODEL_SCORERS:
             spec = models.get(name)
             try:
-                dirs[name] = optional_model_dir(spec)
+                dirs[name] = spec if is_random_full(spec) else optional_model_dir(spec)
             except Exception as e:  # noqa: BLE001 - reported with every score; the other scorers still run
                 log.error("scorer %s: %s", name, e)
                 dirs[name], missing[name] = None, f"{type(e).__name__}: {e}"

@@ -273,6 +273,8 @@ class Timings(BaseModel):
     queued: float = Field(0.0, description="longest wait of a seed group before a replica started it")
     generate: float = Field(0.0, description="wall time of the fan-out, queueing included")
     score: float = 0.0
+    score_compute: float = Field(0.0, description="the scorer's own time (PNG decoding, forwards); the rest of "
+                                 "`score` is the trip of the PNGs and scores")  # fmt: skip
     total: float = 0.0
 
     model_config = ConfigDict(populate_by_name=True)
@@ -285,6 +287,12 @@ class GroupInfo(BaseModel):
     seconds: float = Field(..., description="wall time of the call, as the router saw it")
     engine: float = Field(0.0, description="seconds in the denoising call")
     png: float = Field(0.0, description="seconds encoding the group's PNGs")
+    preview_score: float = Field(0.0, description="within `engine`: seconds encoding previews and waiting for "
+                                 "their scores (pruning)")  # fmt: skip
+    dispatch: float | None = Field(None, description="seconds from the router's call to the replica starting "
+                                   "it: waiting for a free replica and the job's transfer")  # fmt: skip
+    returned: float | None = Field(None, description="seconds from the replica returning to the router "
+                                   "holding the result: the transfer of its PNGs")  # fmt: skip
 
 
 class Debug(BaseModel):

@@ -87,9 +87,12 @@ class JobStore:
         return self._db.execute("PRAGMA journal_mode").fetchone()[0]
 
     # 1. jobs --------------------------------------------------------------------------------------------------
-    def create(self, request: dict, idempotency_key: str | None = None) -> tuple[Job, bool]:
-        """Insert a queued job; returns (job, created). A repeated key with the same body returns the first job."""
+    def create(self, request: dict, idempotency_key: str | None = None, key_body: dict | None = None) -> tuple[Job, bool]:
+        """Insert a queued job; returns (job, created). A repeated key with the same body returns the first job.
+        `key_body` is the body the key is compared on (default `request`; the client's body when `request`
+        holds values the server chose, such as random seeds)."""
         now = self._clock()
+        digest = body_hash(request if key_body is None else key_body)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -99,7 +102,7 @@ class JobStore:
                         "SELECT body_hash, job_id FROM idempotency WHERE key = ?", (idempotency_key,)
                     ).fetchone()
                     if row is not None:
-                        if row[0] != body_hash(request):
+                        if row[0] != digest:
                             raise IdempotencyConflict("Idempotency-Key: already used with a different body")
                         job = self._get(row[1])
                         if job is not None:
@@ -114,7 +117,7 @@ class JobStore:
                 if idempotency_key is not None:
                     self._db.execute(
                         "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)",
-                        (idempotency_key, body_hash(request), job_id, now),
+                        (idempotency_key, digest, job_id, now),
                     )
                 self._db.execute("COMMIT")
             except BaseException:

@@ -1,0 +1,292 @@
+"""Runs the stored jobs: the best-of-N fan-out of `fanout.py`, with progress, previews, per-candidate
+results as files, cancel and resume. Plain asyncio over injected calls (no Ray): `generate_stream(GroupJob)`
+yields `StepProgress` / `PreviewImage` messages then the `GroupResult`; `score(prompt, pngs, context)`.
+
+Rules, beyond fanout's:
+- jobs start in submission order, at most `max_running` at once;
+- a job's seed groups are fixed by its request (the same split whenever it runs), and a group's
+  candidates are stored (PNG file + row) as soon as the group returns; on resume (a restarted Jobs
+  replica or service) the stored groups are kept and only the others recomputed, so the seeds give
+  identical images;
+- back-pressure or a lost replica is retried (an accepted job is never dropped for load); bad input
+  fails the job naming the field; any other group failure drops its seeds with a warning;
+- cancelling stops the running groups at their next step; the job ends `cancelled` with the
+  candidates that had finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from hidream_serve.api.errors import BadRequest, ServiceError, Unavailable, classify
+from hidream_serve.api.jobs_protocol import CandidateProgress, JobCandidate, JobResult, JobWinner, image_url
+from hidream_serve.api.protocol import Defaults, GenerateRequest, Limits, Timings
+from hidream_serve.jobs.store import JobStore
+from hidream_serve.scoring.context import ScoreContext
+
+from .config import JobsConfig, RouterConfig
+from .fanout import Scored, group_size, pick_winner, score_candidates, split_seeds
+from .messages import GroupJob, GroupResult, PreviewImage, ProgressPlan, ScoreResult, StepProgress
+
+log = logging.getLogger("ray.serve.hidream.jobs")
+
+GenerateStream = Callable[[GroupJob], AsyncIterator[object]]
+ScoreFn = Callable[[str, list[bytes], ScoreContext], Awaitable[ScoreResult]]
+
+
+@dataclass
+class Live:
+    """What a running job shows beyond its row: per-candidate progress, settings and warnings so far."""
+
+    steps: int = 0
+    candidates: dict[int, CandidateProgress] = field(default_factory=dict)
+    settings: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, generate_stream: GenerateStream, score: ScoreFn | None, config: JobsConfig,
+                 router_config: RouterConfig, limits: Limits, defaults: Defaults):  # fmt: skip
+        self.store, self.generate_stream, self.score = store, generate_stream, score
+        self.config, self.router_config, self.limits, self.defaults = config, router_config, limits, defaults
+        self.live: dict[str, Live] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._loop_task: asyncio.Task | None = None
+
+    # 1. lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Resume: a job that was running when the last replica stopped is queued again (its stored
+        candidates are kept), then every queued job runs in order."""
+        for job in self.store.active():
+            if job.status == "running":
+                self.store.set_status(job.id, "queued")
+        self._loop_task = asyncio.ensure_future(self._schedule())
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for t in list(self.tasks.values()):
+            t.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def _schedule(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            queued = [j for j in self.store.active() if j.status == "queued" and j.id not in self.tasks]
+            for job in queued[: max(0, self.config.max_running - len(self.tasks))]:
+                self.tasks[job.id] = asyncio.ensure_future(self._run(job.id))
+                self.tasks[job.id].add_done_callback(lambda _t, jid=job.id: self._finished(jid))
+
+    def _finished(self, job_id: str) -> None:
+        self.tasks.pop(job_id, None)
+        self.live.pop(job_id, None)
+        self._wake.set()
+
+    def submitted(self) -> None:
+        self._wake.set()
+
+    # 2. events ----------------------------------------------------------------------------------------
+    async def event(self, job_id: str, kind: str, data: dict) -> None:
+        self.store.append_event(job_id, kind, data)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for_events(self, job_id: str, after: int, timeout_s: float) -> list:
+        """Events after `after`, waiting up to `timeout_s` for the first new one."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            events = self.store.events(job_id, after)
+            left = deadline - time.monotonic()
+            if events or left <= 0:
+                return events
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+
+    # 3. cancel ----------------------------------------------------------------------------------------
+    async def cancel(self, job_id: str) -> bool:
+        """True if the job was queued or running (it ends cancelled); False if it had already ended."""
+        job = self.store.get(job_id)
+        if job is None or job.status not in ("queued", "running"):
+            return False
+        task = self.tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return True
+        self.store.set_status(job_id, "cancelled", result=None)
+        await self.event(job_id, "cancelled", {"candidates": []})
+        return True
+
+    # 4. one job ---------------------------------------------------------------------------------------
+    async def _run(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        body = dict(job.request)
+        mode = body.pop("mode")
+        request = GenerateRequest.model_validate(body)
+        try:
+            params, seeds = await asyncio.to_thread(request.to_engine, mode, self.limits, self.defaults)
+        except Exception as e:  # noqa: BLE001 - validated at submission; a changed limit can still refuse it
+            await self._fail(job_id, classify(e))
+            return
+        prune = request.prune_plan()
+        live = self.live.setdefault(job_id, Live())
+        live.candidates = {s: CandidateProgress(seed=s) for s in seeds}
+        live.steps = params.steps or 0
+        self.store.set_status(job_id, "running")
+        await self.event(job_id, "started", {"seeds": seeds})
+        t0 = time.perf_counter()
+        groups = split_seeds(seeds, group_size(self.router_config, bool(prune)))
+        stored = self.store.candidates(job_id)
+        for seed, meta in stored.items():
+            live.candidates[seed] = CandidateProgress(seed=seed, step=meta["steps_computed"],
+                                                      pruned=meta["pruned_at_step"] is not None)  # fmt: skip
+        todo = [g for g in groups if not all(s in stored for s in g)]
+        tasks = [asyncio.ensure_future(self._group(job_id, live, params, g, prune)) for g in todo]
+        cancelled = False
+        try:
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:  # cancel(): gather has cancelled the groups; wait until they have stopped
+            cancelled = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+            outcomes = []
+        bad = next((e for e in outcomes if isinstance(e, BadRequest)), None)
+        if bad is not None:  # every group has the same input
+            await self._fail(job_id, bad)
+            return
+        t_gen = time.perf_counter() - t0
+        failed = [e for e in outcomes if isinstance(e, BaseException)]
+        for e in failed:
+            live.warnings.append(f"a seed group was not generated: {classify(e).message}")
+        candidates = self._stored_candidates(job_id, seeds)
+        if cancelled:
+            await self._finish_cancelled(job_id, candidates)
+            return
+        if not candidates:
+            await self._fail(job_id, classify(failed[0]) if failed else Unavailable("no candidate was generated"))
+            return
+        t1 = time.perf_counter()
+        context = ScoreContext.for_params(params)
+        score = None
+        if self.score is not None:
+            async def score(prompt, pngs):
+                return await self.score(prompt, pngs, context)
+        warnings: list[str] = list(live.warnings)
+        scored, _, score_compute = await score_candidates(params.prompt, candidates, score, self.router_config,
+                                                          warnings)  # fmt: skip
+        winner = pick_winner(candidates)
+        result = self._result(job_id, mode, candidates, winner, scored, live, warnings, params,
+                              Timings(generate=t_gen, score=time.perf_counter() - t1, score_compute=score_compute,
+                                      total=time.perf_counter() - t0))  # fmt: skip
+        await self.event(job_id, "scored", {"scored": scored, "winner": winner.seed,
+                                            "candidates": [{"seed": c.seed, "score": c.score} for c in candidates]})  # fmt: skip
+        self.store.set_status(job_id, "succeeded", result=result)
+        await self.event(job_id, "succeeded", {"winner": result["winner"]})
+
+    async def _group(self, job_id: str, live: Live, params, seeds: list[int], prune) -> GroupResult:
+        cfg = self.config
+        plan = ProgressPlan(tuple(cfg.preview_at), cfg.preview_size, cfg.preview_format)
+        job = GroupJob(params, seeds, prune, self.router_config.score_timeout_s, plan)
+        deadline = time.monotonic() + cfg.retry_unavailable_s
+        while True:
+            try:
+                return await asyncio.wait_for(self._stream_group(job_id, live, job), self.router_config.generate_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - classified below
+                err = classify(e, self.router_config.retry_after_s)
+                if isinstance(err, Unavailable) and time.monotonic() < deadline:
+                    log.info("job %s seeds %s: %s; retrying", job_id, seeds, err.message)
+                    await asyncio.sleep(max(0.2, getattr(err, "retry_after_s", 1.0) or 1.0))
+                    continue
+                raise err from None
+
+    async def _stream_group(self, job_id: str, live: Live, job: GroupJob) -> GroupResult:
+        result = None
+        async for msg in self.generate_stream(job):
+            if isinstance(msg, StepProgress):
+                live.steps = msg.steps
+                for s in msg.seeds:
+                    live.candidates[s].step = msg.step
+                for s in msg.seeds:
+                    await self.event(job_id, "progress", {"seed": s, "step": msg.step, "steps": msg.steps})
+            elif isinstance(msg, PreviewImage):
+                await self.event(job_id, "preview", {"seed": msg.seed, "step": msg.step, "media_type": msg.media_type,
+                                                     "image": base64.b64encode(msg.image).decode()})  # fmt: skip
+            elif isinstance(msg, GroupResult):
+                result = msg
+        if result is None:
+            raise ServiceError("the generator's stream ended without a result")
+        live.settings = result.settings
+        live.warnings.extend(w for w in result.warnings if w not in live.warnings)
+        for c in result.candidates:
+            preview = c.preview if c.pruned_at_step is not None else None
+            meta = {"seed": c.seed, "steps_computed": c.steps_computed, "pruned_at_step": c.pruned_at_step,
+                    "replica": result.replica, "settings": result.settings, "warnings": result.warnings,
+                    "score": preview.score if preview else None, "scores": preview.breakdown if preview else None}  # fmt: skip
+            if c.png is not None:
+                await asyncio.to_thread(self.store.save_candidate, job_id, c.seed, c.png, meta)
+            live.candidates[c.seed] = CandidateProgress(seed=c.seed, step=c.steps_computed,
+                                                        pruned=c.pruned_at_step is not None,
+                                                        score=meta["score"])  # fmt: skip
+            await self.event(job_id, "candidate", {"seed": c.seed, "pruned": c.pruned_at_step is not None,
+                                                   "pruned_at_step": c.pruned_at_step,
+                                                   "steps_computed": c.steps_computed,
+                                                   "url": image_url(job_id, c.seed)})  # fmt: skip
+        return result
+
+    # 5. endings ---------------------------------------------------------------------------------------
+    def _stored_candidates(self, job_id: str, seeds: list[int]) -> list[Scored]:
+        stored = self.store.candidates(job_id)
+        out = []
+        for seed in seeds:
+            meta = stored.get(seed)
+            if meta is None:
+                continue
+            png = self.store.image_path(job_id, seed).read_bytes()
+            out.append(Scored(seed=seed, png=png, replica=meta["replica"], steps_computed=meta["steps_computed"],
+                              pruned_at_step=meta["pruned_at_step"], score=meta["score"], scores=meta["scores"]))  # fmt: skip
+        return out
+
+    def _result(self, job_id, mode, candidates, winner, scored, live, warnings, params, timings) -> dict:
+        stored = self.store.candidates(job_id)
+        settings = live.settings or next((m["settings"] for m in stored.values()), {})
+        for m in stored.values():
+            warnings.extend(w for w in m.get("warnings", []) if w not in warnings)
+        cands = [JobCandidate(seed=c.seed, score=c.score, scores=c.scores, url=image_url(job_id, c.seed),
+                              pruned=c.pruned_at_step is not None, pruned_at_step=c.pruned_at_step,
+                              steps_computed=c.steps_computed, replica=c.replica) for c in candidates]  # fmt: skip
+        steps = int(settings.get("steps") or params.steps or 0)
+        res = JobResult(id=job_id, mode=mode, scored=scored,
+                        winner=JobWinner(seed=winner.seed, score=winner.score, url=image_url(job_id, winner.seed)),
+                        candidates=cands, settings=settings, warnings=warnings,
+                        steps_computed=sum(c.steps_computed for c in candidates), steps_full=steps * len(candidates),
+                        timings=timings)  # fmt: skip
+        return res.model_dump(mode="json", by_alias=True)
+
+    async def _fail(self, job_id: str, err: ServiceError) -> None:
+        error = {"type": err.type if hasattr(err, "type") else "error", "message": err.message,
+                 "field": getattr(err, "field", None)}  # fmt: skip
+        self.store.set_status(job_id, "failed", error=error)
+        await self.event(job_id, "failed", {"error": error})
+
+    async def _finish_cancelled(self, job_id: str, candidates: list[Scored]) -> None:
+        done = [{"seed": c.seed, "url": image_url(job_id, c.seed), "steps_computed": c.steps_computed}
+                for c in candidates]  # fmt: skip
+        self.store.set_status(job_id, "cancelled", result={"candidates": done})
+        await self.event(job_id, "cancelled", {"candidates": done})

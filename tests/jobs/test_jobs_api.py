@@ -1,0 +1,196 @@
+"""The jobs API over HTTP on the embedded default (Ray Serve in-process, tiny models, CPU): events over SSE,
+images by URL, cancel, idempotency, errors, and a killed Jobs replica resuming its job."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import pytest
+from PIL import Image
+from tests._serve import running_service
+
+ray = pytest.importorskip("ray")
+httpx = pytest.importorskip("httpx")
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+LIMITS = {"max_n": 8, "max_steps": 200, "max_pixels": 512 * 512, "max_refs": 4, "max_image_bytes": 200_000,
+          "max_image_pixels": 1_000_000, "max_prompt_chars": 200}  # fmt: skip
+SMALL = {"width": 128, "height": 128, "exact_size": True, "steps": 4}
+
+
+def service_args(**over):
+    from services.app import AppArgs
+
+    return AppArgs(
+        model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
+        dino_model="embedded:tiny-dino", device="cpu", limits=LIMITS,
+        defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4},
+        router={"seeds_per_call": 2, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 1},
+        generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
+        jobs={"preview_at": [0.5], "preview_size": 64, **over.pop("jobs", {})}, **over,
+    )  # fmt: skip
+
+
+OPTIONS = {
+    "Router": {"ray_actor_options": {"num_cpus": 0}},
+    "Generator": {"num_replicas": 2, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.5}},
+    "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
+    "Jobs": {"ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    with running_service(str(tmp_path_factory.mktemp("hidream-cache")), service_args(), OPTIONS) as client:
+        yield client
+
+
+def submit(client, body, status=202, headers=None):
+    r = client.post("/v1/jobs", json=body, headers=headers or {})
+    assert r.status_code == status, r.text[:2000]
+    return r.json()
+
+
+def events(client, job_id, last_event_id=None, timeout=120):
+    """Read the SSE stream to its end: [(id, kind, data)]."""
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    out, cur = [], {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("id: "):
+                cur["id"] = int(line[4:])
+            elif line.startswith("event: "):
+                cur["kind"] = line[7:]
+            elif line.startswith("data: "):
+                cur["data"] = json.loads(line[6:])
+            elif line == "" and cur:
+                out.append((cur["id"], cur["kind"], cur["data"]))
+                cur = {}
+    return out
+
+
+def wait_done(client, job_id, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_best_of_4_job_streams_events_and_serves_images(service):
+    body = {"mode": "t2i", "prompt": "a red fox in snow", "n": 4, "seed": 7, **SMALL, "return": "all"}
+    created = submit(service, body)
+    assert created["status"] == "queued" and set(created["urls"]) == {"self", "events", "cancel", "result"}
+    evs = events(service, created["id"])
+    kinds = [k for _, k, _ in evs]
+    assert kinds[0] == "queued" and kinds[1] == "started" and kinds[-1] == "succeeded"
+    assert kinds.index("scored") < kinds.index("succeeded")
+    assert {d["seed"] for _, k, d in evs if k == "candidate"} == {7, 8, 9, 10}
+    progress = [d for _, k, d in evs if k == "progress"]
+    assert {(d["seed"], d["step"]) for d in progress} == {(s, i) for s in range(7, 11) for i in range(1, 5)}
+    previews = [d for _, k, d in evs if k == "preview"]
+    assert {d["seed"] for d in previews} == {7, 8, 9, 10} and all(d["step"] == 2 for d in previews)
+    img = Image.open(io.BytesIO(base64.b64decode(previews[0]["image"])))
+    assert img.format == "JPEG" and max(img.size) <= 64
+    ids = [i for i, _, _ in evs]
+    assert ids == sorted(ids)
+
+    job = service.get(created["urls"]["self"]).json()
+    assert job["status"] == "succeeded" and job["steps_done"] == job["steps_total"] == 16
+    assert all(c["step"] == 4 and c["score"] is not None for c in job["candidates"])
+    result = job["result"]
+    assert result["winner"]["url"] == f"/v1/jobs/{job['id']}/images/{result['winner']['seed']}.png"
+    assert result["steps_computed"] == result["steps_full"] == 16 and result["scored"]
+
+    # the images download by URL, carry their text chunks, and equal the synchronous call's for these seeds
+    sync = service.post("/v1/generate/t2i", json={k: v for k, v in body.items() if k != "mode"}).json()
+    sync_png = {c["seed"]: base64.b64decode(c["image"]) for c in sync["candidates"]}
+    for c in result["candidates"]:
+        r = service.get(c["url"])
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        png = Image.open(io.BytesIO(r.content))
+        assert png.text["seed"] == str(c["seed"]) and png.text["prompt"] == body["prompt"]
+        assert png.tobytes() == Image.open(io.BytesIO(sync_png[c["seed"]])).tobytes()
+
+    # a late client gets the events so far; Last-Event-ID resumes after an id
+    assert [k for _, k, _ in events(service, job["id"])] == kinds
+    assert [i for i, _, _ in events(service, job["id"], last_event_id=ids[3])] == ids[4:]
+
+    listed = service.get("/v1/jobs", params={"status": "succeeded", "limit": 1}).json()
+    assert listed["data"][0]["id"] == job["id"] and listed["next_cursor"] is None or listed["data"]
+
+
+def test_cancel_stops_the_gpu_work_within_a_step(service):
+    body = {"mode": "t2i", "prompt": "a slow one", "n": 2, "seed": 1, "width": 512, "height": 512,
+            "exact_size": True, "steps": 200}  # fmt: skip
+    job_id = submit(service, body)["id"]
+    with service.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60) as r:
+        for line in r.iter_lines():
+            if line == "event: progress":
+                break
+    cancelled = service.post(f"/v1/jobs/{job_id}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert events(service, job_id)[-1][1] == "cancelled"
+    job = service.get(f"/v1/jobs/{job_id}").json()
+    assert job["steps_done"] < job["steps_total"] == 400
+    assert service.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"  # idempotent
+
+
+def test_idempotent_resubmit_and_errors(service):
+    body = {"mode": "t2i", "prompt": "same job twice", **SMALL}
+    key = {"Idempotency-Key": "k-123"}
+    first = submit(service, body, headers=key)
+    again = submit(service, body, headers=key)
+    assert again["id"] == first["id"]
+    other = service.post("/v1/jobs", json={**body, "prompt": "another"}, headers=key)
+    assert other.status_code == 409 and other.json()["error"]["field"] == "Idempotency-Key"
+    assert submit(service, body)["id"] != first["id"]  # no key: a new job
+
+    bad = service.post("/v1/jobs", json={"mode": "t2i", "prompt": "x", "steps": 0})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "steps"
+    nomode = service.post("/v1/jobs", json={"prompt": "x"})
+    assert nomode.status_code == 422 and nomode.json()["error"]["field"] == "mode"
+    r = service.get("/v1/jobs/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    assert service.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
+    wait_done(service, first["id"])
+    assert service.get(f"/v1/jobs/{first['id']}/images/999.png").status_code == 404
+
+
+def _jobs_actor():
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if "#Jobs#" in a["name"]:
+            return ray.get_actor(a["name"], namespace=a["namespace"])
+    raise AssertionError("no Jobs replica")
+
+
+def test_killed_jobs_replica_resumes_the_job_with_the_same_images(service):
+    body = {"mode": "t2i", "prompt": "survives a crash", "n": 4, "seed": 100, "width": 256, "height": 256,
+            "exact_size": True, "steps": 30}  # fmt: skip
+    job_id = submit(service, body)["id"]
+    with service.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60) as r:
+        for line in r.iter_lines():
+            if line == "event: candidate":  # one group stored, the other still running
+                break
+    ray.kill(_jobs_actor(), no_restart=True)
+    deadline = time.time() + 120
+    while True:
+        r = service.get(f"/v1/jobs/{job_id}")
+        if r.status_code == 200 and r.json()["status"] in ("succeeded", "failed", "cancelled"):
+            job = r.json()
+            break
+        assert time.time() < deadline, r.text
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job
+    sync = service.post("/v1/generate/t2i", json={k: v for k, v in body.items() if k != "mode"} | {"return": "all"})
+    sync_png = {c["seed"]: base64.b64decode(c["image"]) for c in sync.json()["candidates"]}
+    for c in job["result"]["candidates"]:
+        got = Image.open(io.BytesIO(service.get(c["url"]).content)).tobytes()
+        assert got == Image.open(io.BytesIO(sync_png[c["seed"]])).tobytes()
