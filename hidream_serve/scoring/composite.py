@@ -90,11 +90,13 @@ class CompositeScorer:
     def load(cls, pickscore: str | Path | None = None, clip: str | Path | None = None, dino: str | Path | None = None,
              pickscore_processor: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
              batch_size: int = 16, **options) -> CompositeScorer:  # fmt: skip
-        """Load each model from its local directory (None: not configured). A model that fails to load is
-        logged and reported with every score; the others still work."""
+        """Load each model from its local directory (None: not configured; `random:full-size`: random weights,
+        random_full.py). A model that fails to load is logged and reported with every score; the others still
+        work."""
         from .clip import ClipScorer
         from .dino import DinoEmbedder
         from .pickscore import PickScorer
+        from .random_full import is_random_full, random_full_scorer
 
         loaders = {
             "pickscore": lambda p: PickScorer.from_pretrained(p, device, dtype, batch_size,
@@ -107,7 +109,10 @@ class CompositeScorer:
             if path is None:
                 continue
             try:
-                models[name] = loaders[name](path)
+                if is_random_full(path):  # benchmarks: the full-size architecture, random weights, no files
+                    models[name] = random_full_scorer(name, device, dtype, batch_size)
+                else:
+                    models[name] = loaders[name](path)
             except Exception as e:  # noqa: BLE001 - one bad directory must not take the other scorers down
                 log.error("scorer %s: cannot load %s: %s", name, path, _short(e))
                 unavailable[name] = f"failed to load {path}: {_short(e)}"
