@@ -367,6 +367,49 @@ def targets(cases: dict) -> dict:
     return out
 
 
+def scorer_probe(args, app: dict, cache: str, n: int = 4, repeats: int = 3) -> dict:
+    """The app's scorers alone in this process, after Serve is gone (its GPU is free): load time, weights and
+    peak GPU memory, and the seconds to score `n` candidates of the benchmark's size (PIL in, no PNG decoding)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from hidream_serve.embedded import optional_model_dir
+    from hidream_serve.scoring.composite import CompositeScorer
+    from hidream_serve.scoring.context import ScoreContext
+    from hidream_serve.scoring.random_full import is_random_full
+
+    os.environ["HIDREAM_SERVE_CACHE"] = cache  # the embedded tiny ones the replicas built
+    specs = {"pickscore": app["pickscore_model"], "clip": app["scorer_model"], "dino": app["dino_model"]}
+    cuda = args.scorer_device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    scorer = CompositeScorer.load(**{k: v if is_random_full(v) else optional_model_dir(v) for k, v in specs.items()},
+                                  device=args.scorer_device)  # fmt: skip
+    sync()
+    out = {"specs": specs, "device": args.scorer_device, "load_s": round(time.perf_counter() - t0, 2),
+           "unavailable": scorer.unavailable, "images": n, "size": args.size}  # fmt: skip
+    if cuda:
+        out["weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+        torch.cuda.reset_peak_memory_stats()
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)) for _ in range(n)]
+    context = ScoreContext(mode="edit", refs=images[:1], roles=[None])  # PickScore, CLIP and DINOv2 all run
+    scorer.score(PROMPT, images, context)  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        scorer.score(PROMPT, images, context)
+        sync()
+        times.append(round(time.perf_counter() - t, 4))
+    out.update(score_s=min(times), score_s_all=times)
+    if cuda:
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -419,6 +462,14 @@ def write_report(report: dict, out_dir: Path) -> Path:
         lines += ["", f"Peak GPU memory (nvidia-smi, GiB): per GPU {mem['per_gpu_gib'].get('all')}; per deployment "
                       f"{mem['per_deployment_gib'].get('all')}; scorer after loading "
                       f"{mem['per_deployment_gib'].get('ready', {}).get('Scorer')}."]  # fmt: skip
+    probe = report.get("scorer_probe") or {}
+    if "score_s" in probe:
+        mem_text = f", weights {probe['weights_gib']} GiB, peak {probe['peak_gib']} GiB" if "peak_gib" in probe else ""
+        lines += ["", f"Scorers alone on {probe['device']} (PickScore, CLIP, DINOv2 fidelity; {probe['images']} images "
+                      f"{probe['size']}x{probe['size']}, PIL in): {probe['score_s']} s per set{mem_text}; loaded in "
+                      f"{probe['load_s']} s."]  # fmt: skip
+    elif probe:
+        lines += ["", f"Scorer probe failed: {probe.get('error')}"]
     lines += ["", "Overheads:", ""] + [f"- `{k}`: {v}" for k, v in OVERHEADS.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -450,6 +501,8 @@ def parse_args(argv=None):
     ap.add_argument("--quantize", choices=["fp8"], default=None)
     ap.add_argument("--assets", type=Path, default=ROOT.parent / "shared" / "assets")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--no-scorer-probe", dest="scorer_probe", action="store_false",
+                    help="skip scoring 4 images with the scorers alone after Serve stops (GPU memory, seconds)")
     ap.add_argument("--start-timeout", type=float, default=1200)
     ap.add_argument("--verbose", action="store_true", help="replica logs on this terminal")
     args = ap.parse_args(argv)
@@ -520,6 +573,12 @@ def main(argv=None) -> int:
                       f"overheads {best['overheads']}", flush=True)  # fmt: skip
         finally:
             stop_service()
+    if args.scorer_probe and "app" in report:
+        try:
+            report["scorer_probe"] = scorer_probe(args, report["app"], cache)
+            print(f"scorer probe: {report['scorer_probe']}", flush=True)
+        except Exception as e:  # noqa: BLE001 - the Serve measurements stand without it
+            report["scorer_probe"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
     import ray
     import torch
 

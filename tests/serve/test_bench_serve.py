@@ -18,7 +18,7 @@ pytest.importorskip("ray.serve")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serve import CASES, OVERHEADS, server_timing  # noqa: E402
+from bench_serve import CASES, OVERHEADS, app_config, parse_args, server_timing  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 
@@ -26,6 +26,19 @@ pytestmark = [pytest.mark.slow]
 def test_server_timing_header_parses_to_seconds():
     assert server_timing("encode;dur=12.5, router;dur=1500") == {"encode": 0.0125, "router": 1.5}
     assert server_timing(None) == {} and server_timing("cache;desc=hit") == {}
+
+
+def test_the_gpu_configuration_is_a_valid_app():
+    """What the H200 run builds (no GPU needed to check it): scorer and generators share the first GPU."""
+    from services.app import AppArgs, scorer_specs
+
+    app, options = app_config(parse_args(["--gpus", "2"]))
+    args = AppArgs.model_validate(app)
+    assert args.model == "random:full-size" and args.engine.compile and args.engine.warm_up_size == 2048
+    assert set(scorer_specs(args, args.model).values()) == {"random:full-size", None}
+    gen, sc = options["Generator"], options["Scorer"]
+    assert gen["num_replicas"] == 2 and gen["ray_actor_options"]["num_gpus"] + sc["ray_actor_options"]["num_gpus"] == 1
+    assert args.router.seeds_per_call == 2 and args.limits.max_pixels >= 2048 * 2048
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +60,8 @@ def test_every_case_is_measured_and_reported(report):
         assert f"| {name} |" in md
     # no assets there: every ref was generated, and said so
     assert len(rep["assets_generated"]) == 7 and "IP_skeleton/0.face.jpg" in rep["assets_generated"]
+    probe = rep["scorer_probe"]  # the scorers alone after Serve stopped: 4 images scored, timed
+    assert probe["images"] == 4 and 0 < probe["score_s"] == min(probe["score_s_all"]) and not probe["unavailable"]
 
 
 def test_the_wall_time_is_split_into_engine_and_measured_overheads(report):
