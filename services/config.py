@@ -108,6 +108,10 @@ class JobsConfig(_Config):
     retention_quota_bytes: int | None = Field(None, ge=0, description="result files above this are deleted, "
                                               "oldest finished job first")  # fmt: skip
     retention_interval_s: float = Field(600.0, gt=0, description="how often retention runs")
+    webhook_secret: str | None = Field(None, min_length=16, description="HMAC-SHA256 key of webhook signatures "
+                                       "(unset: $HIDREAM_WEBHOOK_SECRET; neither: jobs with a webhook are refused)")  # fmt: skip
+    webhook_attempts: int = Field(5, ge=1, le=20, description="deliveries tried (backoff 1, 2, 4... s)")
+    webhook_backoff_s: float = Field(1.0, gt=0, le=600)
 
     @field_validator("preview_at")
     @classmethod

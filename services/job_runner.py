@@ -63,6 +63,7 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._loop_task: asyncio.Task | None = None
+        self.on_event: Callable[[str, str, dict], None] | None = None  # the Jobs deployment's webhooks
 
     # 1. lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -103,6 +104,11 @@ class JobRunner:
         self.store.append_event(job_id, kind, data)
         async with self._changed:
             self._changed.notify_all()
+        if self.on_event is not None:
+            try:
+                self.on_event(job_id, kind, data)
+            except Exception:  # noqa: BLE001 - a webhook problem never fails the job
+                log.exception("job %s: event hook failed on %s", job_id, kind)
 
     async def wait_for_events(self, job_id: str, after: int, timeout_s: float) -> list:
         """Events after `after`, waiting up to `timeout_s` for the first new one."""
@@ -138,6 +144,7 @@ class JobRunner:
         job = self.store.get(job_id)
         body = dict(job.request)
         mode = body.pop("mode")
+        body.pop("webhook", None)
         request = GenerateRequest.model_validate(body)
         try:
             params, seeds = await asyncio.to_thread(request.to_engine, mode, self.limits, self.defaults)

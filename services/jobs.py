@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from hidream_serve.api.errors import Conflict, NotFound
-from hidream_serve.api.jobs_protocol import CandidateProgress, JobError, JobView, job_urls
+from hidream_serve.api.errors import BadRequest, Conflict, NotFound
+from hidream_serve.api.jobs_protocol import TERMINAL, CandidateProgress, JobError, JobView, job_urls
 from hidream_serve.embedded import cache_dir
 from hidream_serve.jobs.store import IdempotencyConflict, Job, JobStore
 
 from .config import JobsConfig, JobStoreOptions, RouterConfig
 from .job_runner import JobRunner
+from .webhooks import WebhookSender
 from .messages import AppInfo, GroupJob, ScoreJob
 
 log = logging.getLogger("ray.serve.hidream.jobs")
@@ -37,6 +39,9 @@ class Jobs:
         self.config = JobsConfig()
         self.runner = JobRunner(self.store, self._generate_stream, self._score if scorer is not None else None,
                                 self.config, router_config, info.limits, info.defaults)  # fmt: skip
+        self.runner.on_event = self._webhook
+        self.webhooks: WebhookSender | None = None
+        self._deliveries: set[asyncio.Task] = set()
         self._started = False
         self._retention: asyncio.Task | None = None
         log.info("jobs store %s (%d active)", self.store.db_path, len(self.store.active()))
@@ -44,6 +49,22 @@ class Jobs:
     def reconfigure(self, user_config: dict) -> None:
         self.config = JobsConfig.model_validate(user_config or {})
         self.runner.config = self.config
+        secret = self.config.webhook_secret or os.environ.get("HIDREAM_WEBHOOK_SECRET")
+        self.webhooks = None if not secret else WebhookSender(secret, self.config.webhook_attempts,
+                                                              self.config.webhook_backoff_s)  # fmt: skip
+
+    def _webhook(self, job_id: str, kind: str, data: dict) -> None:
+        """Send this event to the job's webhook if it asked for it: the job's body for a final event, else
+        {id, event, data}. Delivery runs beside the job and never delays it."""
+        job = self.store.get(job_id)
+        hook = (job.request.get("webhook") if job else None) or {}
+        if not hook or kind not in hook.get("events", ()) or self.webhooks is None:
+            return
+        payload = self._view(job).model_dump(mode="json", by_alias=True) if kind in TERMINAL else {
+            "id": job_id, "event": kind, "data": data}
+        task = asyncio.ensure_future(self.webhooks.send(hook["url"], kind, payload))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
 
     def _ensure_started(self) -> None:
         """Start the runner and retention on the replica's event loop (the first call gets here)."""
@@ -88,6 +109,9 @@ class Jobs:
     async def submit(self, request: dict, idempotency_key: str | None = None, key_body: dict | None = None) -> dict:
         """Store a validated request (its seeds resolved) as a queued job; the same key and body give the same job."""
         self._ensure_started()
+        if request.get("webhook") and self.webhooks is None:
+            raise BadRequest("this server has no webhook secret configured (jobs.webhook_secret or "
+                             "$HIDREAM_WEBHOOK_SECRET), so it cannot sign webhooks", field="webhook")  # fmt: skip
         try:
             job, created = self.store.create(request, idempotency_key, key_body)
         except IdempotencyConflict as e:

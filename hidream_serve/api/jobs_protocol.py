@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from hidream_serve.vocabulary import Mode
 
@@ -16,10 +16,23 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 EVENT_KINDS = ("queued", "started", "progress", "preview", "candidate", "scored", *TERMINAL)
 
 
+EventKind = Literal["queued", "started", "progress", "preview", "candidate", "scored", "succeeded", "failed",
+                    "cancelled"]  # fmt: skip
+
+
+class Webhook(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(..., max_length=2048, pattern=r"^https?://[^\s]+$", description="http(s) URL to POST to")
+    events: list[EventKind] = Field(["succeeded", "failed", "cancelled"], min_length=1, max_length=9,
+                                    description="which events to send; the final ones send the job's body")  # fmt: skip
+
+
 class JobRequest(GenerateRequest):
-    """`POST /v1/jobs`: every field of `POST /v1/generate/{mode}`, and the mode."""
+    """`POST /v1/jobs`: every field of `POST /v1/generate/{mode}`, the mode, and an optional webhook."""
 
     mode: Mode
+    webhook: Webhook | None = None
 
 
 class JobUrls(BaseModel):

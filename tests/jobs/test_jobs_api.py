@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 LIMITS = {"max_n": 8, "max_steps": 200, "max_pixels": 512 * 512, "max_refs": 4, "max_image_bytes": 200_000,
           "max_image_pixels": 1_000_000, "max_prompt_chars": 200}  # fmt: skip
 SMALL = {"width": 128, "height": 128, "exact_size": True, "steps": 4}
+WEBHOOK_SECRET = "test-webhook-secret-0123456789"
 
 
 def service_args(**over):
@@ -31,7 +32,8 @@ def service_args(**over):
         defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4},
         router={"seeds_per_call": 2, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 1},
         generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
-        jobs={"preview_at": [0.5], "preview_size": 64, **over.pop("jobs", {})}, **over,
+        jobs={"preview_at": [0.5], "preview_size": 64, "webhook_secret": WEBHOOK_SECRET, "webhook_backoff_s": 0.2,
+              **over.pop("jobs", {})}, **over,
     )  # fmt: skip
 
 
@@ -194,3 +196,46 @@ def test_killed_jobs_replica_resumes_the_job_with_the_same_images(service):
     for c in job["result"]["candidates"]:
         got = Image.open(io.BytesIO(service.get(c["url"]).content)).tobytes()
         assert got == Image.open(io.BytesIO(sync_png[c["seed"]])).tobytes()
+
+
+def test_webhook_is_signed_and_retried(service):
+    import hashlib
+    import hmac
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(500 if len(received) == 1 else 200)  # the first delivery fails: retried
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        job_id = submit(service, {"mode": "t2i", "prompt": "tell me when done", **SMALL,
+                                  "webhook": {"url": url, "events": ["started", "succeeded"]}})["id"]  # fmt: skip
+        deadline = time.time() + 60
+        while len(received) < 3:  # started (answered 500), started again, succeeded: in any order
+            assert time.time() < deadline, (received, service.get(f"/v1/jobs/{job_id}").json())
+            time.sleep(0.2)
+    finally:
+        server.shutdown()
+    kinds = [h["X-HiDream-Event"] for h, _ in received]
+    assert sorted(kinds) == ["started", "started", "succeeded"]  # the first delivery got a 500 and was sent again
+    for headers, body in received:
+        ts = headers["X-HiDream-Timestamp"]
+        want = "sha256=" + hmac.new(WEBHOOK_SECRET.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+        assert headers["X-HiDream-Signature"] == want
+    final = json.loads([b for h, b in received if h["X-HiDream-Event"] == "succeeded"][-1])
+    assert final["id"] == job_id and final["status"] == "succeeded" and final["result"]["winner"]["url"]
+
+    bad = service.post("/v1/jobs", json={"mode": "t2i", "prompt": "x", "webhook": {"url": "ftp://x"}})
+    assert bad.status_code == 422 and bad.json()["error"]["field"].startswith("webhook")
