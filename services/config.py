@@ -22,6 +22,8 @@ class RouterConfig(_Config):
     prune_group_size: int = Field(4, ge=1, le=256, description="at least this many seeds per call when a request "
                                   "prunes (pruning ranks the candidates within one call)")  # fmt: skip
     generate_timeout_s: float = Field(900.0, gt=0, description="deadline of one generator call")
+    replica_retries: int = Field(2, ge=0, le=16, description="per request: seed groups rerun on another replica "
+                                 "when theirs is lost (same seeds, same images); past it the request is a 503")  # fmt: skip
     score_timeout_s: float = Field(120.0, gt=0, description="deadline of the scorer call; past it, unscored")
     retry_after_s: float = Field(5.0, ge=0, description="Retry-After sent with 503 when overloaded")
     max_body_bytes: int = Field(300 * 2**20, ge=1024, description="largest request body accepted (413 above)")

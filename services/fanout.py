@@ -4,8 +4,10 @@ Plain asyncio over two injected coroutines, `generate(params, seeds)` and `score
 router passes Ray Serve handle calls (wrapped in `cancel_with_caller`, so that cancelling the coroutine
 cancels the work on the replica), tests pass fakes. Rules:
 
+- a group whose replica is lost is rerun on another replica (same seeds, same images), within
+  `replica_retries` per request, keeping the groups that finished;
 - a group failing on bad input fails the request (every group has the same input), and so does
-  back-pressure or a lost replica (503: retry later; the other groups are cancelled); any other group
+  back-pressure or a lost replica past the retries (503: retry later; the other groups are cancelled); any other group
   failure drops those seeds with a warning, unless every group failed;
 - a scoring failure (error, timeout, no scorer) never loses candidates: they come back unscored
   with a warning, and the winner is the lowest seed;
@@ -25,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from hidream_serve.api.errors import BadRequest, ServiceError, Unavailable, classify
+from hidream_serve.api.errors import BadRequest, ServiceError, Unavailable, classify, replica_lost
 from hidream_serve.engine.params import GenerationParams
 from hidream_serve.scoring.pruning import rank_key
 
@@ -133,10 +135,21 @@ async def generate_groups(params: GenerationParams, groups: list[list[int]], gen
     """Every group at once, one call each. Bad input or back-pressure on any group fails the request (and
     cancels the rest); any other failure drops that group's seeds with a warning, unless all failed."""
 
+    retries = [config.replica_retries]  # shared by the request's groups
+
     async def one(group: list[int]) -> GroupRun:
-        sent_at, start = time.time(), time.perf_counter()
-        result = await asyncio.wait_for(generate(params, group), config.generate_timeout_s)
-        return GroupRun(group, result, time.perf_counter() - start, sent_at, time.time())
+        while True:
+            sent_at, start = time.time(), time.perf_counter()
+            try:
+                result = await asyncio.wait_for(generate(params, group), config.generate_timeout_s)
+            except Exception as e:  # noqa: BLE001 - rerun on a lost replica, else the rules below
+                if not replica_lost(e) or retries[0] <= 0:
+                    raise
+                retries[0] -= 1
+                log.warning("seeds %s: replica lost (%s); rerunning on another replica", group, type(e).__name__)
+                warnings.append(f"seeds {group} were rerun: the generator replica running them was lost")
+                continue
+            return GroupRun(group, result, time.perf_counter() - start, sent_at, time.time())
 
     tasks = [asyncio.ensure_future(one(g)) for g in groups]
     try:

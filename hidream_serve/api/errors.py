@@ -123,6 +123,21 @@ def _ray_classes():
     return rex, sex
 
 
+def replica_lost(exc: BaseException) -> bool:
+    """The replica running the call died or became unreachable (not back-pressure, not bad input): the same
+    call can be rerun on another replica."""
+    ray = _ray_classes()
+    if ray is None:
+        return False
+    rex, sex = ray
+    if isinstance(exc, rex.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if cause is not None and cause is not exc:
+            return replica_lost(cause)
+    return isinstance(exc, (rex.ActorDiedError, rex.ActorUnavailableError, sex.ReplicaUnavailableError,
+                            rex.RayActorError))  # fmt: skip
+
+
 def classify(exc: BaseException, retry_after_s: float = DEFAULT_RETRY_AFTER_S) -> ServiceError:
     """Any exception -> the ServiceError that decides its HTTP status. Ray wrappers are unwrapped first."""
     if isinstance(exc, ServiceError):
