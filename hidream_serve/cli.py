@@ -1,4 +1,5 @@
-"""Command line: `hidream-serve tiny-checkpoint`, `hidream-serve generate` and `hidream-serve calibrate-pruning`."""
+"""Command line: `hidream-serve tiny-checkpoint`, `hidream-serve generate` and `hidream-serve calibrate-pruning`;
+`submit`, `jobs` and `cancel` talk to a running server (hidream_serve/client.py)."""
 
 from __future__ import annotations
 
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare import add_parser as _add_compare
 
     _add_compare(sub)
+    from .client import add_parsers as _add_client
+
+    _add_client(sub)
     return parser
 
 
