@@ -21,7 +21,10 @@ class RouterConfig(_Config):
     seeds_per_call: int = Field(2, ge=1, le=256, description="seeds per generator call (one batch on one replica)")
     prune_group_size: int = Field(4, ge=1, le=256, description="at least this many seeds per call when a request "
                                   "prunes (pruning ranks the candidates within one call)")  # fmt: skip
-    generate_timeout_s: float = Field(900.0, gt=0, description="deadline of one generator call")
+    generate_timeout_s: float = Field(900.0, gt=0, description="compute deadline of one seed group, counted from "
+                                      "when a replica starts it (time queued does not count)")  # fmt: skip
+    queue_timeout_s: float = Field(3600.0, gt=0, description="longest wait of a seed group for a replica; the "
+                                   "queue itself is bounded by the Generator's max_queued_requests (503 beyond)")  # fmt: skip
     replica_retries: int = Field(2, ge=0, le=16, description="per request: seed groups rerun on another replica "
                                  "when theirs is lost (same seeds, same images); past it the request is a 503")  # fmt: skip
     score_timeout_s: float = Field(120.0, gt=0, description="deadline of the scorer call; past it, unscored")

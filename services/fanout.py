@@ -141,7 +141,8 @@ async def generate_groups(params: GenerationParams, groups: list[list[int]], gen
         while True:
             sent_at, start = time.time(), time.perf_counter()
             try:
-                result = await asyncio.wait_for(generate(params, group), config.generate_timeout_s)
+                # the replica enforces the compute deadline; this bound adds the longest queue wait
+                result = await asyncio.wait_for(generate(params, group), config.queue_timeout_s + config.generate_timeout_s)
             except Exception as e:  # noqa: BLE001 - rerun on a lost replica, else the rules below
                 if not replica_lost(e) or retries[0] <= 0:
                     raise

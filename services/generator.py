@@ -21,7 +21,7 @@ import time
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from hidream_serve.api.errors import Unavailable, classify
+from hidream_serve.api.errors import DeadlineExceeded, Unavailable, classify
 from hidream_serve.api.images import encode_png
 from hidream_serve.models import load_pipeline
 from hidream_serve.scoring.context import ScoreContext
@@ -126,9 +126,14 @@ class Generator:
                   progress: ProgressHook | None = None) -> GroupResult:  # fmt: skip
         params, seeds = job.params, list(job.seeds)
 
-        def on_step(state):  # every step: stop if cancelled, report, then prune if asked
+        timed_out = threading.Event()
+
+        def on_step(state):  # every step: stop if cancelled or past the compute deadline, report, then prune
             if cancel.is_set():
                 raise GenerationCancelled()
+            if timed_out.is_set():
+                raise DeadlineExceeded(f"the seed group took more than {job.compute_timeout_s:g}s of compute "
+                                       "(router generate_timeout_s)")  # fmt: skip
             if progress is not None:
                 progress(state)
             return None if hook is None else hook(state)
@@ -137,10 +142,19 @@ class Generator:
         with self._lock:
             if cancel.is_set():  # cancelled while waiting for the engine
                 raise GenerationCancelled()
+            deadline = None
+            if job.compute_timeout_s is not None:  # counted from here: time queued does not count
+                deadline = threading.Timer(job.compute_timeout_s, timed_out.set)
+                deadline.daemon = True
+                deadline.start()
             if hook is not None:
                 warnings += self._unpruned_warning(seeds)
             t0 = time.perf_counter()
-            result = self.pipe(params, seeds, on_step=on_step)
+            try:
+                result = self.pipe(params, seeds, on_step=on_step)
+            finally:
+                if deadline is not None:
+                    deadline.cancel()
             engine_s = time.perf_counter() - t0
         settings = dict(result.settings)
         text = {"prompt": params.prompt, "mode": params.mode, "settings": settings,

@@ -208,11 +208,13 @@ class JobRunner:
     async def _group(self, job_id: str, live: Live, params, seeds: list[int], prune) -> GroupResult:
         cfg = self.config
         plan = ProgressPlan(tuple(cfg.preview_at), cfg.preview_size, cfg.preview_format)
-        job = GroupJob(params, seeds, prune, self.router_config.score_timeout_s, plan)
+        rc = self.router_config
+        job = GroupJob(params, seeds, prune, rc.score_timeout_s, plan, compute_timeout_s=rc.generate_timeout_s)
         deadline = time.monotonic() + cfg.retry_unavailable_s
         while True:
             try:
-                return await asyncio.wait_for(self._stream_group(job_id, live, job), self.router_config.generate_timeout_s)
+                bound = rc.queue_timeout_s + rc.generate_timeout_s  # the replica enforces the compute deadline
+                return await asyncio.wait_for(self._stream_group(job_id, live, job), bound)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - classified below

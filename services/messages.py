@@ -38,6 +38,7 @@ class GroupJob:
     prune: PrunePlan | None = None
     score_timeout_s: float = 120.0  # deadline of each preview scoring call when pruning
     progress: ProgressPlan | None = None  # streaming calls only
+    compute_timeout_s: float | None = None  # from when the replica starts the group; None: no deadline
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,8 @@ class Router:
             t_valid = time.perf_counter() - t0
 
             async def generate(p, group):
-                job = GroupJob(p, group, prune, self.config.score_timeout_s)
+                job = GroupJob(p, group, prune, self.config.score_timeout_s,
+                               compute_timeout_s=self.config.generate_timeout_s)  # fmt: skip
                 return await cancel_with_caller(self.generator.generate.remote(job))
 
             context = ScoreContext.for_params(params)

@@ -145,7 +145,7 @@ def test_generation_deadline():
         await asyncio.sleep(10)
 
     with pytest.raises(DeadlineExceeded):  # -> 504
-        run(best_of_n(PARAMS, [1], hang, None, RouterConfig(generate_timeout_s=0.1)))
+        run(best_of_n(PARAMS, [1], hang, None, RouterConfig(generate_timeout_s=0.05, queue_timeout_s=0.05)))
 
 
 # -- early pruning (issue 4) -----------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_a_generator_call_past_its_deadline_is_cancelled_on_the_replica():
         return await cancel_with_caller(responses[-1])
 
     with pytest.raises(DeadlineExceeded):
-        run(best_of_n(PARAMS, [1, 2], generate, None, RouterConfig(generate_timeout_s=0.1)))
+        run(best_of_n(PARAMS, [1, 2], generate, None, RouterConfig(generate_timeout_s=0.05, queue_timeout_s=0.05)))
     assert len(responses) == 1 and responses[0].cancelled
 
 

@@ -184,3 +184,28 @@ def test_replica_start_is_logged_under_serves_logger_with_its_attention_kernel(t
     started = [r for r in caplog.records if "loaded" in r.getMessage()]
     assert started and started[0].name.startswith(SERVE_LOGGER_NAME + ".")
     assert "(attention cudnn)" in started[0].getMessage()
+
+
+def test_compute_deadline_counts_from_the_engine_start_not_the_queue(counted):
+    """Waiting for the engine (another group running) does not count against the compute deadline; running
+    past it stops the group at its next step with a 504."""
+    from hidream_serve.api.errors import DeadlineExceeded
+
+    gen, counter = counted
+    long = GroupJob(GenerationParams(**SMALL, steps=200), [1], None, 30, compute_timeout_s=0.3)
+    start = time.perf_counter()
+    with pytest.raises(DeadlineExceeded, match="generate_timeout_s"):
+        asyncio.run(gen.generate(long))
+    assert time.perf_counter() - start < 5 and counter.steps < 200
+
+    async def queued_behind():
+        first = asyncio.ensure_future(gen.generate(GroupJob(GenerationParams(**SMALL, steps=12), [2], None, 30)))
+        await asyncio.sleep(0.05)
+        second = GroupJob(GenerationParams(**SMALL, steps=2), [3], None, 30, compute_timeout_s=1.5)
+        t0 = time.perf_counter()
+        out = await gen.generate(second)  # waits for `first` (longer than 1.5 s on some machines), then runs
+        await first
+        return out, time.perf_counter() - t0
+
+    out, _ = asyncio.run(queued_behind())
+    assert [c.seed for c in out.candidates] == [3]
