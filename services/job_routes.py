@@ -42,8 +42,7 @@ async def create_job(body: JobRequest, request: Request,
     try:
         from .router import validate
 
-        generate = body.model_copy()
-        _params, seeds, _pre = await asyncio.to_thread(validate, generate, body.mode, router.limits, router.defaults)
+        _params, seeds, _pre = await asyncio.to_thread(validate, body, body.mode, router.limits, router.defaults)
         if body.prune_plan() and router.scorer is None:
             raise InvalidInput("prune", "pruning needs a scorer and this server has none configured")
         client_body = body.model_dump(mode="json", by_alias=True, exclude_unset=True)

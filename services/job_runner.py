@@ -232,7 +232,6 @@ class JobRunner:
                 live.steps = msg.steps
                 for s in msg.seeds:
                     live.candidates[s].step = msg.step
-                for s in msg.seeds:
                     await self.event(job_id, "progress", {"seed": s, "step": msg.step, "steps": msg.steps})
             elif isinstance(msg, PreviewImage):
                 await self.event(job_id, "preview", {"seed": msg.seed, "step": msg.step, "media_type": msg.media_type,
