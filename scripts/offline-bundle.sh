@@ -51,16 +51,29 @@ mkdir "$WORK/links" "$WORK/dl" "$WORK/ray"
 # 1. the project itself
 PYTHONWARNINGS=ignore "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" .
 
-# 2. requirements (minus torch), constraints and placeholder wheels for what the target has
-"$PY" - "$HAVE" "$WORK" <<'PYEOF'
+# 2. the ray wheel (its requirements bound what the target's installed versions may be, like the project's)
+RAY_PIN=$("$PY" -c 'import tomllib; print(next(r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["serve"] if r.startswith("ray")).replace("[serve]", ""))')
+"$PY" -m pip download -q --no-deps $TARGET -d "$WORK/ray" "$RAY_PIN"
+
+# 3. requirements (minus torch), constraints and placeholder wheels for what the target has
+"$PY" - "$HAVE" "$WORK" "$PYVER" <<'PYEOF'
 import sys, tomllib, pathlib, zipfile
+from email.parser import Parser
+from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-have_path, work = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+have_path, work, pyver = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
 proj = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
 reqs = [Requirement(r) for r in proj["dependencies"] + proj["optional-dependencies"]["serve"]]
 reqs = [r for r in reqs if canonicalize_name(r.name) != "torch"]
+# ray[serve]'s own requirements on the target (e.g. aiohttp>=3.14.4): an installed version they reject is bundled new
+env = default_environment() | {"python_version": pyver, "python_full_version": pyver + ".0", "sys_platform": "linux",
+                               "platform_system": "Linux", "platform_machine": "x86_64", "extra": "serve"}
+(ray_whl,) = (work / "ray").glob("ray-*.whl")
+with zipfile.ZipFile(ray_whl) as z:
+    meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
+ray_reqs = [r for r in map(Requirement, meta.get_all("Requires-Dist") or []) if not r.marker or r.marker.evaluate(env)]
 known, bare = {}, set()
 for line in have_path.read_text().splitlines():
     line = line.split("#", 1)[0].strip()
@@ -72,12 +85,12 @@ for line in have_path.read_text().splitlines():
         known[name] = ver.strip()
     else:
         bare.add(name)
-by_name = {canonicalize_name(r.name): r for r in reqs}
 cons = []
 for name, ver in sorted(known.items()):
-    r = by_name.get(name)
-    if r is not None and not r.specifier.contains(ver, prereleases=True):
-        print(f"target has {name}=={ver}, project needs {r.specifier}: bundled")
+    rejected = [r for r in reqs + ray_reqs if canonicalize_name(r.name) == name
+                and not r.specifier.contains(ver, prereleases=True)]  # fmt: skip
+    if rejected:
+        print(f"target has {name}=={ver}, {' and '.join(str(r.specifier) for r in rejected)} needed: bundled")
         continue
     cons.append(f"{name}=={ver}")
     # An empty wheel with no dependencies stands for the installed copy. A local label (2.5.2 -> 2.5.2+installed)
@@ -96,12 +109,10 @@ if "google-auth" not in known:
 (work / "constraints.txt").write_text("\n".join(cons) + "\n")
 (work / "requirements.txt").write_text("\n".join(str(r) for r in reqs) + "\n")
 (work / "bare.txt").write_text("\n".join(sorted(bare)) + "\n")
-(work / "ray-pin.txt").write_text(next(f"ray{r.specifier}" for r in reqs if r.name == "ray"))
 PYEOF
 
-# 3. ray, repacked as ray-X+serveonly: STRIP left out, DROP_DEPS dropped from its metadata. `ray[serve]==X` accepts
+# 4. ray, repacked as ray-X+serveonly: STRIP left out, DROP_DEPS dropped from its metadata. `ray[serve]==X` accepts
 #    the local label and ranks it above PyPI's X, so the resolver below picks it.
-"$PY" -m pip download -q --no-deps $TARGET -d "$WORK/ray" "$(cat "$WORK/ray-pin.txt")"
 "$PY" - "$WORK" "$STRIP" "$DROP_DEPS" "$STRIP_BINARIES" <<'PYEOF'
 import base64, hashlib, pathlib, re, subprocess, sys, tempfile, zipfile
 from packaging.requirements import Requirement
@@ -157,11 +168,11 @@ print(f"ray: left out {removed / 2**20:.1f} MiB compressed ({' '.join(strip)} *.
       f"wheel {whl.stat().st_size / 2**20:.1f} -> {dst_path.stat().st_size / 2**20:.1f} MiB")
 PYEOF
 
-# 4. resolve and download everything else for the target (binary only: the node may have no compiler)
+# 5. resolve and download everything else for the target (binary only: the node may have no compiler)
 "$PY" -m pip download -q $TARGET --find-links "$WORK/links" -c "$WORK/constraints.txt" -r "$WORK/requirements.txt" \
   -d "$WORK/dl"
 
-# 5. keep what the target lacks
+# 6. keep what the target lacks
 "$PY" - "$WORK" "$OUT" "$PYVER" "$ALSO" <<'PYEOF'
 import pathlib, shutil, sys, zipfile
 from email.parser import Parser
