@@ -155,6 +155,7 @@ class JobRunner:
         live = self.live.setdefault(job_id, Live())
         live.candidates = {s: CandidateProgress(seed=s) for s in seeds}
         live.steps = params.steps or 0
+        live.warnings.extend(request.effective(mode).warnings)
         self.store.set_status(job_id, "running")
         await self.event(job_id, "started", {"seeds": seeds})
         t0 = time.perf_counter()
@@ -200,6 +201,7 @@ class JobRunner:
         result = self._result(job_id, mode, candidates, winner, scored, live, warnings, params,
                               Timings(generate=t_gen, score=time.perf_counter() - t1, score_compute=score_compute,
                                       total=time.perf_counter() - t0))  # fmt: skip
+        result["settings"] = {**result["settings"], **request.settings_notes(mode)}
         await self.event(job_id, "scored", {"scored": scored, "winner": winner.seed,
                                             "candidates": [{"seed": c.seed, "score": c.score} for c in candidates]})  # fmt: skip
         self.store.set_status(job_id, "succeeded", result=result)

@@ -40,7 +40,7 @@ from hidream_serve.engine.params import DEV, FULL
 from hidream_serve.scoring.context import ScoreContext
 from hidream_serve.vocabulary import MODES, RECIPES, ROLES, SCHEDULERS, Mode
 
-from . import job_routes
+from . import job_routes, sweep_routes
 from .config import RouterConfig
 from .fanout import best_of_n, cancel_with_caller
 from .messages import AppInfo, GroupJob, ScoreJob
@@ -134,12 +134,15 @@ def _replay(messages: list[dict], receive):
 
 app.add_middleware(_Ingress)
 app.include_router(job_routes.api)  # before @serve.ingress(app), which freezes a copy of the app
+app.include_router(sweep_routes.api)  # /v1/presets, /v1/sweeps and a sweep's files
 
 
 def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Defaults):
     """The whole request check (decodes the reference images): (params, seeds, precheck's answer)."""
     params, seeds = body.to_engine(mode, limits, defaults)
-    return params, seeds, precheck(params, seeds, limits, body.prune_plan())
+    pre = precheck(params, seeds, limits, body.prune_plan())
+    pre["warnings"][:0] = body.effective(mode).warnings  # refs a preset dropped, first
+    return params, seeds, pre
 
 
 @serve.deployment(name="Router", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
@@ -207,7 +210,7 @@ class Router:
         resp = GenerateResponse(
             id=rid, mode=mode, scored=out.scored,
             winner=Winner(seed=out.winner.seed, score=out.winner.score, image=b64(out.winner.png)),
-            candidates=candidates, settings=out.settings, warnings=warnings,
+            candidates=candidates, settings={**out.settings, **body.settings_notes(mode)}, warnings=warnings,
             steps_computed=sum(c.steps_computed for c in out.candidates), steps_full=steps * len(out.candidates),
             timings=Timings(validate=t_valid, total=time.perf_counter() - t0, **out.timings),
             debug=Debug(replicas=replicas, groups=groups, scorer=out.scorer),

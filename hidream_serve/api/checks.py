@@ -18,6 +18,7 @@ from hidream_serve.engine.params import (
 )  # fmt: skip
 from hidream_serve.engine.resolution import resolve_size
 from hidream_serve.engine.sizing import keep_aspect_size
+from hidream_serve.presets import findings_warnings
 from hidream_serve.scoring.pruning import PrunePlan
 
 from .protocol import Limits
@@ -55,6 +56,8 @@ def precheck(params: GenerationParams, seeds: list[int], limits: Limits, prune: 
         boxes = parse_layout_boxes(params.layout_boxes)
         _, colors = render_layout(boxes, width, height)  # rejects boxes that are empty at the output size
         warnings += layout_warnings(boxes, colors, len(params.refs))
+    warnings += findings_warnings(list(params.ref_roles), params.prompt, width, height, sampler.recipe,
+                                  sampler.guidance)  # fmt: skip
     if prune is not None and len(seeds) < 2:
         warnings.append("prune has no effect with a single candidate: there is nothing to rank")
     return {"width": width, "height": height, "steps": sampler.steps, "recipe": sampler.recipe,

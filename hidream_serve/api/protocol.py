@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 import secrets
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from hidream_serve.engine.errors import InvalidInput
 from hidream_serve.engine.params import GenerationParams
+from hidream_serve.presets import PresetName, annotation, apply_preset
 from hidream_serve.scoring.pruning import PrunePlan
 from hidream_serve.vocabulary import (
     HARD_MAX_EDGE,
@@ -138,6 +140,13 @@ class PruneStage(_Strict):
     keep: float = Field(..., gt=0.0, le=1.0, description="fraction of the remaining candidates to keep")
 
 
+@dataclass(frozen=True)
+class Effective:
+    request: "GenerateRequest"
+    kept: list[int]  # the original index of each ref the request keeps
+    warnings: list[str]
+
+
 class GenerateRequest(_Strict):
     prompt: Text = Field("", max_length=HARD_MAX_PROMPT)
     refs: list[RefImage] = Field(default_factory=list, max_length=HARD_MAX_REFS)
@@ -163,6 +172,10 @@ class GenerateRequest(_Strict):
     prune: Annotated[list[PruneStage], BeforeValidator(_stage_list)] | None = Field(
         None, max_length=8, description="early pruning on previews: a stage {at, keep} or a list of stages"
     )
+    preset: PresetName | None = Field(None, description="named settings for a goal (GET /v1/presets): shift, "
+                                      "guidance and which ref roles to keep; fields given explicitly win")  # fmt: skip
+    annotate_refs: bool = Field(False, description="put a sentence naming each ref by number and role in front "
+                                "of the prompt (the effective prompt is in `settings.prompt`)")  # fmt: skip
 
     @field_validator("prune")
     @classmethod
@@ -173,6 +186,32 @@ class GenerateRequest(_Strict):
         if len({s.at for s in stages}) != len(stages):
             raise PydanticCustomError("prune_stages", "two stages at the same step fraction")
         return stages
+
+    def effective(self, mode: str) -> Effective:
+        """The request as it runs: the preset applied (its refs dropped, its values where the client set none)
+        and the prompt annotated; the original index of each kept ref; the preset's warnings."""
+        roles = [r.role for r in self.refs]
+        keep, values, warnings = list(range(len(self.refs))), {}, []
+        if self.preset is not None:
+            outcome = apply_preset(self.preset, mode, roles, self.model_fields_set, self.recipe)
+            keep, values, warnings = outcome.keep, outcome.values, outcome.warnings
+        refs = [self.refs[i] for i in keep]
+        if self.annotate_refs and refs:
+            values["prompt"] = " ".join(t for t in (annotation([r.role for r in refs]), self.prompt) if t)
+        if not values and len(refs) == len(self.refs):
+            return Effective(self, keep, warnings)
+        return Effective(self.model_copy(update={**values, "refs": refs, "preset": None, "annotate_refs": False}),
+                         keep, warnings)  # fmt: skip
+
+    def settings_notes(self, mode: str) -> dict:
+        """What `settings` reports beyond the engine's: the preset and the effective prompt, when they apply."""
+        notes: dict = {}
+        if self.preset is not None:
+            notes["preset"] = self.preset
+        prompt = self.effective(mode).request.prompt
+        if prompt != self.prompt:
+            notes["prompt"] = prompt
+        return notes
 
     def prune_plan(self) -> PrunePlan | None:
         """The request's pruning (stages sorted and checked when it was parsed); None: no pruning."""
@@ -209,24 +248,26 @@ class GenerateRequest(_Strict):
         if len(self.refs) > limits.max_refs:
             raise InvalidInput("refs", f"at most {limits.max_refs} reference images, got {len(self.refs)}")
         seeds = self.seed_list(limits, defaults)
+        eff = self.effective(mode)
+        req = eff.request
         images = [
             decode_image(r.image, f"refs[{i}].image", limits.max_image_bytes, limits.max_image_pixels)
-            for i, r in enumerate(self.refs)
+            for i, r in zip(eff.kept, req.refs)
         ]
         params = GenerationParams(
             mode=mode,
-            prompt=self.prompt,
+            prompt=req.prompt,
             refs=images,
-            ref_roles=[r.role for r in self.refs],
+            ref_roles=[r.role for r in req.refs],
             layout_boxes=self._engine_boxes(),
             width=defaults.width if self.width is None else self.width,
             height=defaults.height if self.height is None else self.height,
             exact_size=defaults.exact_size if self.exact_size is None else self.exact_size,
             keep_original_aspect=self.keep_original_aspect,
-            recipe=defaults.recipe if self.recipe is None else self.recipe,
+            recipe=defaults.recipe if req.recipe is None else req.recipe,
             steps=defaults.steps if self.steps is None else self.steps,
-            guidance=self.guidance,
-            shift=self.shift,
+            guidance=req.guidance,
+            shift=req.shift,
             scheduler=self.scheduler,
             noise_scale_start=self.noise_scale_start,
             noise_scale_end=self.noise_scale_end,

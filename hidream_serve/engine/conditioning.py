@@ -26,26 +26,12 @@ from .images import to_patches
 from .layout import layout_references, parse_layout_boxes
 from .params import GenerationParams, check_reference_image
 from .resolution import resolve_size
-from .sizing import fit_to_area, size_for_area
+from .sizing import fit_to_area, ref_edge_for, size_for_area
 from .vlm_inputs import VisionInputs, VisionPreprocessConfig, prepare_vision_inputs
 
 TARGET_ANCHOR = 4096
 VLM_IMAGE_EDGE = 384
 UNCOND_CAPTION = " "
-
-
-def ref_edge_for(n_refs: int, width: int, height: int) -> int:
-    """Edge (sqrt of area) each reference is resized to, by how many references share the sequence."""
-    longest = max(width, height)
-    if n_refs == 1:
-        return longest
-    if n_refs == 2:
-        return longest * 48 // 64
-    if n_refs <= 4:
-        return longest // 2
-    if n_refs <= 8:
-        return longest * 24 // 64
-    return longest // 4
 
 
 def vlm_edge_for(n_refs: int) -> int:

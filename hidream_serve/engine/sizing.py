@@ -25,6 +25,20 @@ def fit_size(width: int, height: int, edge: int, multiple: int = PATCH_SIZE, hal
     return next((c for c in candidates if c[0] * c[1] <= max_area), candidates[-1])
 
 
+def ref_edge_for(n_refs: int, width: int, height: int) -> int:
+    """Edge (sqrt of area) each reference is resized to, by how many references share the sequence."""
+    longest = max(width, height)
+    if n_refs == 1:
+        return longest
+    if n_refs == 2:
+        return longest * 48 // 64
+    if n_refs <= 4:
+        return longest // 2
+    if n_refs <= 8:
+        return longest * 24 // 64
+    return longest // 4
+
+
 def keep_aspect_size(width: int, height: int) -> tuple[int, int]:
     """The output size `keep_original_aspect` gives for a first reference of this size."""
     return fit_size(width, height, KEEP_ASPECT_EDGE)
