@@ -40,7 +40,7 @@ from hidream_serve.engine.params import DEV, FULL
 from hidream_serve.scoring.context import ScoreContext
 from hidream_serve.vocabulary import MODES, RECIPES, ROLES, SCHEDULERS, Mode
 
-from . import job_routes, sweep_routes
+from . import job_routes, studio_routes, sweep_routes
 from .config import RouterConfig
 from .fanout import best_of_n, cancel_with_caller
 from .messages import AppInfo, GroupJob, ScoreJob
@@ -48,7 +48,8 @@ from .messages import AppInfo, GroupJob, ScoreJob
 log = logging.getLogger("ray.serve.hidream.router")  # under Serve's logger: replica logs
 
 app = FastAPI(title="hidream-serve", version="0.1.0",
-              description="HiDream-O1-Image: every mode behind one HTTP API, best-of-N on Ray Serve")  # fmt: skip
+              description="HiDream-O1-Image: every mode behind one HTTP API, best-of-N on Ray Serve",
+              docs_url=None, redoc_url=None)  # /docs from local assets, no CDN: services/studio_routes.py  # fmt: skip
 
 
 def _config() -> RouterConfig:
@@ -135,6 +136,7 @@ def _replay(messages: list[dict], receive):
 app.add_middleware(_Ingress)
 app.include_router(job_routes.api)  # before @serve.ingress(app), which freezes a copy of the app
 app.include_router(sweep_routes.api)  # /v1/presets, /v1/sweeps and a sweep's files
+app.include_router(studio_routes.api)  # the web studio at /, and /docs offline
 
 
 def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Defaults):
