@@ -7,7 +7,7 @@
 
 const $ = (sel) => document.querySelector(sel);
 const TERMINAL = ["succeeded", "failed", "cancelled"];
-const EVENT_KINDS = ["queued", "started", "progress", "preview", "candidate", "scored", ...TERMINAL];
+const EVENT_KINDS = ["queued", "started", "progress", "preview", "candidate", "cell", "scored", ...TERMINAL];
 const state = { models: null, presets: [], features: { presets: false, sweeps: false }, refs: [], job: null,
                 source: null, nextCursor: null };
 
@@ -247,7 +247,7 @@ async function submit(path, body) {
 
 function newJobView(id) {
   if (state.source) { state.source.close(); state.source = null; }
-  state.job = { id, cards: new Map(), status: "", steps: new Map(), kind: "generate" };
+  state.job = { id, cards: new Map(), status: "", steps: new Map(), kind: "generate", cellLabels: new Map() };
   $("#job").hidden = false;
   $("#job-id").textContent = id;
   $("#candidates").replaceChildren();
@@ -268,7 +268,15 @@ function setStatus(status) {
   $("#cancel").hidden = TERMINAL.includes(status);
 }
 
-function cardKey(data) { return data.cell !== undefined && data.cell !== null ? `${data.cell}:${data.seed}` : String(data.seed); }
+function hasCell(data) { return data.cell !== undefined && data.cell !== null; }
+function cardKey(data) { return hasCell(data) ? `${data.cell}:${data.seed}` : String(data.seed); }
+function labelsText(labels) { return Object.entries(labels || {}).map(([k, v]) => `${k} ${v}`).join(" · "); }
+
+function cardLabel(data) {
+  if (!hasCell(data)) return `seed ${data.seed}`;
+  const labels = state.job.cellLabels.get(data.cell);
+  return `${labels ? labelsText(labels) : `cell ${data.cell}`} · seed ${data.seed}`;
+}
 
 function card(data) {
   const key = cardKey(data);
@@ -276,15 +284,15 @@ function card(data) {
   if (c) return c;
   const img = el("img", { alt: `candidate seed ${data.seed}` });
   const c2 = {
-    root: el("figure", { class: "candidate", "data-seed": String(data.seed) }),
+    root: el("figure", { class: "candidate", "data-seed": String(data.seed), "data-cell": hasCell(data) ? String(data.cell) : null }),
+    label: el("strong", { text: cardLabel(data) }),
     img, step: el("span", { class: "step", text: "waiting" }),
     score: el("span", { class: "score" }), bar: el("progress", { max: 1, value: 0 }),
     breakdown: el("table", { class: "breakdown" }),
     download: el("a", { class: "download", hidden: true, text: "download" }),
   };
-  const label = data.cell !== undefined && data.cell !== null ? `cell ${data.cell} · seed ${data.seed}` : `seed ${data.seed}`;
   c2.root.append(el("div", { class: "frame" }, img, el("span", { class: "badge", text: "winner" })),
-    el("figcaption", {}, el("div", { class: "line" }, el("strong", { text: label }), c2.step), c2.bar,
+    el("figcaption", {}, el("div", { class: "line" }, c2.label, c2.step), c2.bar,
       el("div", { class: "line" }, c2.score, c2.download), c2.breakdown));
   $("#candidates").append(c2.root);
   state.job.cards.set(key, c2);
@@ -305,7 +313,7 @@ function updateProgress() {
 }
 
 function markWinner(seed, score) {
-  for (const [, c] of state.job.cards) c.root.classList.toggle("winner", c.root.dataset.seed === String(seed));
+  for (const [key, c] of state.job.cards) c.root.classList.toggle("winner", key === String(seed));
   const w = $("#winner");
   w.hidden = false;
   w.textContent = `winner: seed ${seed}, score ${fmtScore(score)}`;
@@ -325,7 +333,8 @@ const handlers = {
   started(d) {
     setStatus("running");
     $("#job-message").textContent = "running";
-    if (state.job.kind !== "sweep") for (const seed of d.seeds || []) card({ seed });
+    if (state.job.kind === "sweep") $("#job-message").textContent = `running ${d.cells} cells × ${d.seeds} seeds`;
+    else for (const seed of d.seeds || []) card({ seed });
   },
   progress(d) {
     const c = card(d);
@@ -346,6 +355,16 @@ const handlers = {
     c.step.textContent = d.pruned ? `pruned at step ${d.pruned_at_step}` : `done, ${d.steps_computed} steps`;
     c.root.classList.toggle("pruned", !!d.pruned);
     c.root.classList.add("done");
+  },
+  cell(d) {
+    // a sweep's cell is scored: its candidates' scores, and its winner marked
+    state.job.cellLabels.set(d.cell, d.values);
+    for (const s of d.candidates || []) {
+      const c = card({ cell: d.cell, seed: s.seed });
+      c.label.textContent = cardLabel({ cell: d.cell, seed: s.seed });
+      c.score.textContent = `score ${fmtScore(s.score)}`;
+      c.root.classList.toggle("winner", s.seed === d.winner);
+    }
   },
   scored(d) {
     for (const s of d.candidates || []) card(s).score.textContent = `score ${fmtScore(s.score)}`;
@@ -404,23 +423,41 @@ function renderResult(result) {
 }
 
 function renderSweep(job) {
-  const sheet = `v1/jobs/${encodeURIComponent(job.id)}/contact-sheet.png`;
-  $("#sweep-result").hidden = job.status !== "succeeded";
-  if (job.status !== "succeeded") return;
+  $("#sweep-result").hidden = job.status !== "succeeded" || !job.result;
+  if ($("#sweep-result").hidden) return;
+  const result = job.result;
+  const files = result.files || {};
+  const sheet = (files.contact_sheet || `/v1/jobs/${job.id}/contact-sheet.png`).replace(/^\//, "");
   $("#contact-sheet").src = sheet;
   $("#contact-sheet-link").href = sheet;
   $("#contact-sheet-link").download = `${job.id}-contact-sheet.png`;
-  const result = job.result || {};
-  const cells = result.ranking || result.cells || [];
+  for (const [id, name] of [["#table-csv", files.table_csv], ["#table-json", files.table_json]]) {
+    $(id).hidden = !name;
+    if (name) $(id).href = name.replace(/^\//, "");
+  }
+  const cells = result.cells || [];
+  const order = (result.ranking || cells.map((_, i) => i)).map((i) => cells.find((c) => c.cell === i) || cells[i]);
   const table = $("#ranking");
-  table.replaceChildren(el("tr", {}, el("th", { text: "rank" }), el("th", { text: "cell" }),
-                                     el("th", { text: "best" }), el("th", { text: "mean" })));
-  cells.forEach((cell, i) => {
-    const what = cell.axes || cell.values || cell.settings || cell;
-    table.append(el("tr", {}, el("td", { text: String(i + 1) }), el("td", { text: JSON.stringify(what) }),
-                              el("td", { text: fmtScore(cell.best && typeof cell.best === "object" ? cell.best.score : cell.best) }),
-                              el("td", { text: fmtScore(cell.mean) })));
+  table.replaceChildren(el("tr", {}, el("th", { text: "rank" }), el("th", { text: "cell" }), el("th", { text: "best" }),
+                                     el("th", { text: "best seed" }), el("th", { text: "mean" })));
+  order.filter(Boolean).forEach((cell, i) => {
+    table.append(el("tr", { "data-cell": String(cell.cell) }, el("td", { text: String(i + 1) }),
+      el("td", { text: labelsText(cell.labels || cell.values) }), el("td", { text: fmtScore(cell.best) }),
+      el("td", { text: cell.best_seed === null || cell.best_seed === undefined ? "—" : String(cell.best_seed) }),
+      el("td", { text: fmtScore(cell.mean) })));
+    for (const cand of cell.candidates || []) {
+      const c = card({ cell: cell.cell, seed: cand.seed });
+      if (cand.url) setImage(c, cand.url, `cell${cell.cell}-${cand.seed}`);
+      c.score.textContent = `score ${fmtScore(cand.score)}`;
+      renderBreakdown(c, cand.scores);
+    }
   });
+  const top = order[0];
+  if (top) {
+    const w = $("#winner");
+    w.hidden = false;
+    w.textContent = `best cell: ${labelsText(top.labels || top.values)}, seed ${top.best_seed}, score ${fmtScore(top.best)}`;
+  }
 }
 
 async function cancelJob() {

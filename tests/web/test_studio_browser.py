@@ -2,11 +2,13 @@
 the whole service in-process (Ray Serve, the embedded tiny models, CPU). Every host but 127.0.0.1 is unresolvable
 in the browser, so a page that needed the internet would log errors or fail to render.
 
-Set HIDREAM_STUDIO_SCREENSHOT=path to keep the screenshot of the finished best-of-2 job (docs/studio.png is one).
+Set HIDREAM_STUDIO_SCREENSHOTS=DIR to keep the screenshots: DIR/studio.png, the finished best-of-2 job
+(docs/studio.png is one), and DIR/studio-sweep.png.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -123,6 +125,14 @@ def fill_small_job(driver, prompt=PROMPT, n="2", steps="4"):
     set_value(driver, "#height", "128")
 
 
+def screenshot(driver, tmp_path, name):
+    driver.execute_script("window.scrollTo(0, 0)")
+    shot = tmp_path / name
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get("HIDREAM_STUDIO_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["HIDREAM_STUDIO_SCREENSHOTS"]) / name)
+
+
 def test_page_loads_with_no_console_errors(service, browser):
     open_studio(browser, service)
     modes = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#mode option")]
@@ -167,7 +177,21 @@ def test_a_reference_image_gets_a_role(service, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "#refs li select option[value='style']").click()
     body = json.loads(browser.execute_script("return JSON.stringify(buildRequest())"))
     assert body["refs"][0]["role"] == "style" and body["refs"][0]["image"].startswith("data:image/png;base64,")
-    browser.find_element(By.CSS_SELECTOR, "#refs li button").click()
+    # a second image dropped on the drop zone (a real DragEvent carrying a File)
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.getElementById("drop-zone").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+    """, base64.b64encode(path.read_bytes()).decode())  # fmt: skip
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#refs li img")) == 2, 10, "the dropped ref")
+    assert "dropped.png" in browser.find_element(By.ID, "refs").text
+    browser.find_element(By.CSS_SELECTOR, "#refs li:nth-child(2) select option[value='face']").click()
+    body = json.loads(browser.execute_script("return JSON.stringify(buildRequest())"))
+    assert [r.get("role") for r in body["refs"]] == ["style", "face"]
+    for _ in range(2):
+        browser.find_element(By.CSS_SELECTOR, "#refs li button").click()
     assert browser.find_elements(By.CSS_SELECTOR, "#refs li") == []
     assert console_errors(browser) == []
 
@@ -211,11 +235,7 @@ def test_best_of_two_job_shows_live_previews_and_the_winner(service, browser, tm
     row = browser.find_element(By.CSS_SELECTOR, f"#job-list tr[data-id='{job_id}']")
     assert "succeeded" in row.text and "t2i" in row.text
 
-    browser.execute_script("window.scrollTo(0, 0)")
-    shot = tmp_path / "studio.png"
-    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    if os.environ.get("HIDREAM_STUDIO_SCREENSHOT"):
-        shutil.copy(shot, os.environ["HIDREAM_STUDIO_SCREENSHOT"])
+    screenshot(browser, tmp_path, "studio.png")
     assert console_errors(browser) == []
 
 
@@ -266,7 +286,7 @@ def test_copy_as_curl_and_json_reproduce_the_request(service, browser):
     assert console_errors(browser) == []
 
 
-def test_sweep_shows_its_contact_sheet(service, browser):
+def test_sweep_shows_its_contact_sheet(service, browser, tmp_path):
     if "/v1/sweeps" not in service.get("/openapi.json").json()["paths"]:
         open_studio(browser, service)
         assert browser.find_element(By.ID, "run-sweep").get_attribute("disabled") is not None
@@ -281,7 +301,17 @@ def test_sweep_shows_its_contact_sheet(service, browser):
     wait(browser, lambda d: d.find_element(By.ID, "job-status").text == "succeeded", 240, "the sweep to succeed")
     sheet = browser.find_element(By.ID, "contact-sheet")
     wait(browser, lambda d: d.execute_script("return arguments[0].naturalWidth", sheet) > 0, 30, "the sheet")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#ranking tr")) == 1 + 2
+    job_id = browser.find_element(By.ID, "job-id").text
+    result = service.get(f"/v1/jobs/{job_id}").json()["result"]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#ranking tr[data-cell]")
+    assert [int(r.get_attribute("data-cell")) for r in rows] == result["ranking"]
+    assert "shift" in rows[0].text
+    # each cell's candidate is shown, with its image, and each cell's winner is marked
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".candidate[data-cell]")) == 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".candidate.winner[data-cell]")) == 2
+    assert browser.find_element(By.ID, "table-csv").get_attribute("href").endswith(result["files"]["table_csv"])
+    assert service.get(result["files"]["contact_sheet"]).content[:4] == b"\x89PNG"
+    screenshot(browser, tmp_path, "studio-sweep.png")
     assert console_errors(browser) == []
 
 
