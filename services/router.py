@@ -40,7 +40,7 @@ from hidream_serve.engine.params import DEV, FULL
 from hidream_serve.scoring.context import ScoreContext
 from hidream_serve.vocabulary import MODES, RECIPES, ROLES, SCHEDULERS, Mode
 
-from . import job_routes, studio_routes, sweep_routes
+from . import job_routes, openai_routes, studio_routes, sweep_routes
 from .config import RouterConfig
 from .fanout import best_of_n, cancel_with_caller
 from .messages import AppInfo, GroupJob, ScoreJob
@@ -135,6 +135,7 @@ def _replay(messages: list[dict], receive):
 
 app.add_middleware(_Ingress)
 app.include_router(job_routes.api)  # before @serve.ingress(app), which freezes a copy of the app
+app.include_router(openai_routes.api)  # /v1/images/generations and /v1/images/edits (OpenAI's API)
 app.include_router(sweep_routes.api)  # /v1/presets, /v1/sweeps and a sweep's files
 app.include_router(studio_routes.api)  # the web studio at /, and /docs offline
 
