@@ -31,6 +31,8 @@ class RouterConfig(_Config):
     retry_after_s: float = Field(5.0, ge=0, description="Retry-After sent with 503 when overloaded")
     max_body_bytes: int = Field(300 * 2**20, ge=1024, description="largest request body accepted (413 above)")
     ready_cache_s: float = Field(2.0, ge=0, description="how long /readyz reuses its answer")
+    sweep_max_images: int = Field(256, ge=1, le=100_000, description="largest cells x seeds of one sweep "
+                                  "(POST /v1/sweeps; 422 naming `axes` above)")  # fmt: skip
 
 
 class GeneratorConfig(_Config):
@@ -117,6 +119,8 @@ class JobsConfig(_Config):
                                        "(unset: $HIDREAM_WEBHOOK_SECRET; neither: jobs with a webhook are refused)")  # fmt: skip
     webhook_attempts: int = Field(5, ge=1, le=20, description="deliveries tried (backoff 1, 2, 4... s)")
     webhook_backoff_s: float = Field(1.0, gt=0, le=600)
+    sweep_tile_size: int = Field(256, ge=32, le=1024, description="longest side of a candidate on a sweep's "
+                                 "contact sheet")  # fmt: skip
 
     @field_validator("preview_at")
     @classmethod

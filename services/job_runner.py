@@ -142,6 +142,10 @@ class JobRunner:
     # 4. one job ---------------------------------------------------------------------------------------
     async def _run(self, job_id: str) -> None:
         job = self.store.get(job_id)
+        if job.request.get("kind") == "sweep":
+            from . import sweeps
+
+            return await sweeps.run(self, job_id)
         body = dict(job.request)
         mode = body.pop("mode")
         body.pop("webhook", None)
@@ -207,7 +211,8 @@ class JobRunner:
         self.store.set_status(job_id, "succeeded", result=result)
         await self.event(job_id, "succeeded", {"winner": result["winner"]})
 
-    async def _group(self, job_id: str, live: Live, params, seeds: list[int], prune) -> GroupResult:
+    async def _group(self, job_id: str, live: Live, params, seeds: list[int], prune, stream=None) -> GroupResult:
+        """One seed group with retries; `stream` handles the generator's messages (default: a generate job's)."""
         cfg = self.config
         plan = ProgressPlan(tuple(cfg.preview_at), cfg.preview_size, cfg.preview_format)
         rc = self.router_config
@@ -216,7 +221,7 @@ class JobRunner:
         while True:
             try:
                 bound = rc.queue_timeout_s + rc.generate_timeout_s  # the replica enforces the compute deadline
-                return await asyncio.wait_for(self._stream_group(job_id, live, job), bound)
+                return await asyncio.wait_for((stream or self._stream_group)(job_id, live, job), bound)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - classified below

@@ -21,6 +21,7 @@ from hidream_serve.api.jobs_protocol import TERMINAL, CandidateProgress, JobErro
 from hidream_serve.embedded import cache_dir
 from hidream_serve.jobs.store import IdempotencyConflict, Job, JobStore
 
+from . import sweeps
 from .config import JobsConfig, JobStoreOptions, RouterConfig
 from .job_runner import JobRunner
 from .webhooks import WebhookSender
@@ -152,6 +153,15 @@ class Jobs:
             raise NotFound(f"job {job_id} has no image for seed {seed}", field="seed")
         return await asyncio.to_thread(Path(path).read_bytes)
 
+    async def sweep_file(self, job_id: str, name: str) -> bytes:
+        """A sweep's contact sheet or table (services/sweeps.py:FILES)."""
+        self._ensure_started()
+        return await asyncio.to_thread(sweeps.read_file, self.store, self._job(job_id), name)
+
+    async def sweep_image(self, job_id: str, cell: int, seed: int) -> bytes:
+        self._ensure_started()
+        return await asyncio.to_thread(sweeps.read_image, self.store, self._job(job_id), cell, seed)
+
     # -- views ------------------------------------------------------------------------------------------
     def _job(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -161,6 +171,8 @@ class Jobs:
 
     def _view(self, job: Job) -> JobView:
         live = self.runner.live.get(job.id)
+        if job.request.get("kind") == "sweep":
+            return sweeps.view(job, live, self.store, self.info.defaults)
         request = job.request
         seeds = request.get("seeds") or []
         if live is not None:

@@ -10,21 +10,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from hidream_serve.vocabulary import Mode
 
 from .protocol import GenerateRequest, ScoreDetail, Timings
+from .sweeps_protocol import SweepResult
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL = ("succeeded", "failed", "cancelled")
-EVENT_KINDS = ("queued", "started", "progress", "preview", "candidate", "scored", *TERMINAL)
+EVENT_KINDS = ("queued", "started", "progress", "preview", "candidate", "cell", "scored", *TERMINAL)
 
 
-EventKind = Literal["queued", "started", "progress", "preview", "candidate", "scored", "succeeded", "failed",
-                    "cancelled"]  # fmt: skip
+EventKind = Literal["queued", "started", "progress", "preview", "candidate", "cell", "scored", "succeeded",
+                    "failed", "cancelled"]  # fmt: skip
 
 
 class Webhook(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(..., max_length=2048, pattern=r"^https?://[^\s]+$", description="http(s) URL to POST to")
-    events: list[EventKind] = Field(["succeeded", "failed", "cancelled"], min_length=1, max_length=9,
+    events: list[EventKind] = Field(["succeeded", "failed", "cancelled"], min_length=1, max_length=10,
                                     description="which events to send; the final ones send the job's body")  # fmt: skip
 
 
@@ -51,6 +52,7 @@ class JobCreated(BaseModel):
 
 class CandidateProgress(BaseModel):
     seed: int
+    cell: int | None = Field(None, description="a sweep's cell (null for a generate job)")
     step: int = Field(0, description="steps done")
     pruned: bool = False
     score: float | None = None
@@ -109,7 +111,7 @@ class JobView(BaseModel):
     settings: dict[str, Any] | None = None
     warnings: list[str] = Field(default_factory=list)
     error: JobError | None = None
-    result: JobResult | None = None
+    result: JobResult | SweepResult | None = None
     urls: JobUrls
 
 

@@ -1,0 +1,149 @@
+"""Sweeps over HTTP on the embedded default (Ray Serve in-process, tiny models, CPU, 2 generator replicas): a 2x3
+sweep with 2 seeds per cell as a job, its contact sheet and tables, per-cell events, 422s naming the axis
+value, presets on a sweep axis, GET /v1/presets, and the CLI writing a sweep from a YAML file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from PIL import Image
+from tests._images import b64, noise_image
+from tests._serve import running_service
+from tests.jobs.test_jobs_api import LIMITS, OPTIONS, events, wait_done
+
+pytest.importorskip("ray")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+SMALL = {"width": 64, "height": 64, "exact_size": True, "steps": 2}
+
+
+def service_args():
+    from services.app import AppArgs
+
+    return AppArgs(
+        model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
+        dino_model="embedded:tiny-dino", device="cpu", limits=LIMITS, defaults=SMALL,
+        router={"seeds_per_call": 1, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 1,
+                "sweep_max_images": 40},
+        generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
+        jobs={"preview_at": [0.5], "preview_size": 32, "sweep_tile_size": 64},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    args = service_args()
+    with running_service(str(tmp_path_factory.mktemp("hidream-cache")), args, OPTIONS) as client:
+        yield client
+
+
+def sweep(client, body, status=202):
+    r = client.post("/v1/sweeps", json=body)
+    assert r.status_code == status, r.text[:2000]
+    return r.json()
+
+
+def test_a_2x3_sweep_with_2_seeds_per_cell_runs_over_both_replicas(service, tmp_path):
+    body = {"base": {"mode": "t2i", "prompt": "a lighthouse at dusk", "seed": 11, **SMALL},
+            "axes": {"shift": [1.0, 3.0], "guidance": [1.0, 3.0, 5.0]}, "n": 2}  # fmt: skip
+    created = sweep(service, body)
+    job = wait_done(service, created["id"], timeout=300)
+    assert job["status"] == "succeeded" and job["kind"] == "sweep", job.get("error")
+    assert job["steps_done"] == job["steps_total"] == 6 * 2 * 2
+    result = job["result"]
+    cells = result["cells"]
+    assert len(cells) == 6 and result["axes"] == ["shift", "guidance"]
+    assert [c["labels"] for c in cells[:3]] == [{"shift": "1", "guidance": g} for g in ("1", "3", "5")]
+    assert sorted(result["ranking"]) == list(range(6)) and [cells[i]["rank"] for i in result["ranking"]] == [1, 2, 3, 4, 5, 6]
+    replicas = {c["replica"] for cell in cells for c in cell["candidates"]}
+    assert len(replicas) == 2, replicas
+    for cell in cells:
+        assert [c["seed"] for c in cell["candidates"]] == [11, 12]
+        assert all(c["score"] is not None and c["scores"] for c in cell["candidates"])
+        assert cell["best"] == max(c["score"] for c in cell["candidates"])
+        assert cell["mean"] == pytest.approx(sum(c["score"] for c in cell["candidates"]) / 2)
+        assert cell["settings"]["shift"] == cell["values"]["shift"] and cell["settings"]["guidance"] == cell["values"]["guidance"]
+    means = [cells[i]["mean"] for i in result["ranking"]]
+    assert means == sorted(means, reverse=True)
+    # the same seed in two cells is two images: different shift, different pixels
+    a = service.get(cells[0]["candidates"][0]["url"])
+    b = service.get(cells[3]["candidates"][0]["url"])
+    assert a.status_code == b.status_code == 200 and a.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(a.content)).tobytes() != Image.open(io.BytesIO(b.content)).tobytes()
+
+    sheet = service.get(f"/v1/jobs/{job['id']}/contact-sheet.png")
+    assert sheet.status_code == 200 and sheet.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(sheet.content))
+    assert img.width > 3 * 2 * 64 and img.height > 2 * 64
+    (tmp_path / "sheet.png").write_bytes(sheet.content)
+    rows = list(csv.DictReader(io.StringIO(service.get(f"/v1/jobs/{job['id']}/table.csv").text)))
+    assert len(rows) == 6 and set(rows[0]) >= {"cell", "rank", "shift", "guidance", "best", "mean", "best_seed"}
+    assert json.loads(service.get(f"/v1/jobs/{job['id']}/table.json").text)[0]["cell"] == 0
+
+    evs = events(service, job["id"])
+    kinds = [k for _, k, _ in evs]
+    assert kinds[0] == "queued" and kinds[-1] == "succeeded" and kinds.count("cell") == 6
+    assert {d["cell"] for _, k, d in evs if k == "progress"} == set(range(6))
+    assert {(d["cell"], d["seed"]) for _, k, d in evs if k == "candidate"} == {(c, s) for c in range(6) for s in (11, 12)}
+
+
+@pytest.mark.parametrize("axes, field", [
+    ({"shift": [1.0, 2.0, 0.0]}, "axes.shift[2]"),
+    ({"steps": [2, 500]}, "axes.steps[1]"),
+    ({"recipe": ["full", "turbo"]}, "axes.recipe[1]"),
+    ({"preset": [None, "no-such-preset"]}, "axes.preset[1]"),
+    ({"seeds": [1, "x"]}, "axes.seeds[1]"),
+    ({"prompt": ["ok", ""]}, "axes.prompt[1]"),
+])  # fmt: skip
+def test_an_invalid_axis_value_is_a_422_naming_it(service, axes, field):
+    body = {"base": {"mode": "t2i", "prompt": "x", "seed": 1, **SMALL}, "axes": axes, "n": 1}
+    err = sweep(service, body, 422)["error"]
+    assert err["field"] == field, err
+
+
+def test_refs_axis_subsets_presets_axis_and_limits(service):
+    refs = [{"image": b64(noise_image(64, 64, seed=i)), "role": r} for i, r in enumerate(["face", "background", "pose", "garment"])]
+    base = {"mode": "skeleton", "prompt": "a woman", "seed": 3, "refs": refs, **SMALL}
+    err = sweep(service, {"base": base, "axes": {"refs": [[0, 2], [0, 5]]}}, 422)["error"]
+    assert err["field"] == "axes.refs[1]" and "out of range" in err["message"]
+    err = sweep(service, {"base": base, "axes": {"refs": [[0, 1], ["face"]]}}, 422)["error"]
+    assert err["field"] == "axes.refs[1]" and "at least two refs" in err["message"]
+    err = sweep(service, {"base": base, "axes": {"shift": [1, 2, 3], "steps": [2, 3]}, "max_cells": 4}, 422)["error"]
+    assert err["field"] == "max_cells"
+    err = sweep(service, {"base": base, "axes": {"shift": [1, 2, 3, 4, 5, 6]}, "n": 8}, 422)["error"]
+    assert err["field"] == "axes" and "limit of 40" in err["message"]
+
+    body = {"base": base, "axes": {"preset": [None, "tryon-natural"], "refs": [[0, 1, 2, 3], ["face", "pose", "garment"]]},
+            "n": 1}  # fmt: skip
+    job = wait_done(service, sweep(service, body)["id"], timeout=300)
+    assert job["status"] == "succeeded", job.get("error")
+    cells = job["result"]["cells"]
+    assert [c["labels"] for c in cells] == [{"preset": p, "refs": r} for p in ("none", "tryon-natural")
+                                            for r in ("0+1+2+3", "face+pose+garment")]  # fmt: skip
+    assert cells[0]["settings"]["shift"] == 3.0 and cells[2]["settings"]["shift"] == 2.0
+    assert cells[2]["settings"]["preset"] == "tryon-natural"
+    assert "ref 2 (background, refs[1]) dropped: a background ref locks the composition" in cells[2]["warnings"]
+    assert not any("dropped" in w for w in cells[0]["warnings"])
+    assert len(cells[0]["settings"]["ref_sizes"]) == 4 and len(cells[1]["settings"]["ref_sizes"]) == 3
+    assert len(cells[2]["settings"]["ref_sizes"]) == len(cells[3]["settings"]["ref_sizes"]) == 2  # face + garment
+
+
+def test_presets_are_listed_with_settings_and_rationale(service):
+    data = service.get("/v1/presets").json()["data"]
+    by_name = {p["name"]: p for p in data}
+    assert set(by_name) == {"tryon-faithful", "tryon-natural", "pose-from-prompt", "outfit-swap", "group-shot"}
+    assert by_name["outfit-swap"]["mode"] == "ip" and by_name["outfit-swap"]["shift"] == 3.0
+    assert by_name["tryon-natural"]["drop_roles"] == ["background", "pose"]
+    assert all(p["rationale"] and p["guidance"] == 5.0 for p in data)
+
+
+def test_a_generate_job_still_reports_no_sweep_fields_and_unknown_sweep_files_are_404(service):
+    created = service.post("/v1/jobs", json={"mode": "t2i", "prompt": "plain", "seed": 1, **SMALL}).json()
+    job = wait_done(service, created["id"])
+    assert job["kind"] == "generate" and all(c["cell"] is None for c in job["candidates"])
+    r = service.get(f"/v1/jobs/{job['id']}/contact-sheet.png")
+    assert r.status_code == 404 and r.json()["error"]["field"] == "id"
+    assert service.get("/v1/jobs/nope/table.csv").status_code == 404
