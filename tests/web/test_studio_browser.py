@@ -295,8 +295,15 @@ def test_sweep_shows_its_contact_sheet(service, browser, tmp_path):
     open_studio(browser, service)
     fill_small_job(browser, n="1", steps="2")
     browser.find_element(By.CSS_SELECTOR, "#sweep summary").click()
-    set_value(browser, "#sweep-axes", '{"shift": [1.0, 3.0]}')
     set_value(browser, "#sweep-n", "1")
+    # a bad axis value: the server's 422 names it (axes.shift[1]) and the page shows it under the axes
+    set_value(browser, "#sweep-axes", '{"shift": [1.0, 500]}')
+    browser.find_element(By.ID, "run-sweep").click()
+    axes = browser.find_element(By.CSS_SELECTOR, ".field[data-sweep-field='axes']")
+    wait(browser, lambda d: "invalid" in axes.get_attribute("class"), 30, "the axes field marked invalid")
+    assert axes.find_element(By.CLASS_NAME, "field-error").text
+    assert console_errors(browser, allow=r"status of 422") == []
+    set_value(browser, "#sweep-axes", '{"shift": [1.0, 3.0]}')
     browser.find_element(By.ID, "run-sweep").click()
     wait(browser, lambda d: d.find_element(By.ID, "job-status").text == "succeeded", 240, "the sweep to succeed")
     sheet = browser.find_element(By.ID, "contact-sheet")
