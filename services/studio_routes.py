@@ -29,8 +29,7 @@ DOCS_ASSETS_URL = "/docs/assets"
 OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
 
 
-@cache
-def _studio_file(name: str) -> bytes:
+def _studio_file(name: str) -> bytes:  # read each time: small, and an edited file shows on reload
     return resources.files("hidream_serve.studio").joinpath(name).read_bytes()
 
 

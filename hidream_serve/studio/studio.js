@@ -46,7 +46,7 @@ async function loadServer() {
   fillSelect($("#recipe"), Object.keys(m.recipes || {}));
   fillSelect($("#scheduler"), m.schedulers || []);
   const d = m.defaults || {};
-  $("#n").max = m.limits.max_n;
+  $("#n").title = `1 to ${m.limits.max_n}`;
   $("#steps").placeholder = d.steps ? String(d.steps) : "recipe's";
   $("#width").placeholder = String(d.width || "");
   $("#height").placeholder = String(d.height || "");
@@ -392,6 +392,12 @@ async function openJob(id) {
   // late clients get every event so far, previews included, then the live ones
   const source = new EventSource(`v1/jobs/${encodeURIComponent(id)}/events`);
   state.source = source;
+  source.addEventListener("error", () => {
+    // a dropped connection is retried by the browser (with Last-Event-ID); a refused one is final
+    if (source.readyState === EventSource.CLOSED && state.job === job && !TERMINAL.includes(job.status)) {
+      $("#job-message").textContent = "the event stream was refused; open the job again from the list";
+    }
+  });
   for (const kind of EVENT_KINDS) {
     source.addEventListener(kind, (ev) => {
       if (state.job !== job) return;

@@ -263,9 +263,16 @@ def test_bad_input_shows_the_servers_field_error_next_to_the_field(service, brow
     assert "200" in message, message  # the server's limit, as its 422 body says it
     assert [f.get_attribute("data-field") for f in browser.find_elements(By.CSS_SELECTOR, ".field.invalid")] == ["steps"]
     assert not browser.find_element(By.ID, "form-error").is_displayed()
-    # typing in the field clears its error; a fixed value goes through
+    # typing in the field clears its error
     set_value(browser, "#steps", "2")
     assert "invalid" not in steps.get_attribute("class")
+    # text that is no number reaches the server as typed, and its 422 lands under that field
+    set_value(browser, "#guidance", "lots")
+    browser.find_element(By.ID, "submit").click()
+    guidance = browser.find_element(By.CSS_SELECTOR, ".field[data-field='guidance']")
+    wait(browser, lambda d: "invalid" in guidance.get_attribute("class"), 30, "the guidance field marked invalid")
+    assert "number" in guidance.find_element(By.CLASS_NAME, "field-error").text
+    set_value(browser, "#guidance", "")
     assert console_errors(browser, allow=r"status of 422") == []
 
 
