@@ -27,6 +27,7 @@ from hidream_serve.models import load_pipeline
 from hidream_serve.scoring.context import ScoreContext
 
 from .config import GeneratorConfig, pick_device, pick_dtype, replica_name
+from . import metrics
 from .fanout import cancel_with_caller
 from .messages import CandidateResult, GroupJob, GroupResult, GroupTimings, ScoreJob, ScoreResult
 from .progress import ProgressHook
@@ -120,6 +121,7 @@ class Generator:
             raise self._convert(e) from None
         out.timings.busy_s = time.perf_counter() - t0
         out.timings.started_at, out.timings.finished_at = started_at, time.time()
+        metrics.generated(job.params.mode, out, self.device, self._torch)
         return out
 
     def _generate(self, job: GroupJob, hook: PruningHook | None, cancel: threading.Event,

@@ -29,6 +29,7 @@ from hidream_serve.api.protocol import Defaults, GenerateRequest, Limits, Timing
 from hidream_serve.jobs.store import JobStore
 from hidream_serve.scoring.context import ScoreContext
 
+from . import metrics
 from .config import JobsConfig, RouterConfig
 from .fanout import Scored, group_size, pick_winner, score_candidates, split_seeds
 from .messages import GroupJob, GroupResult, PreviewImage, ProgressPlan, ScoreResult, StepProgress
@@ -90,6 +91,7 @@ class JobRunner:
             for job in queued[: max(0, self.config.max_running - len(self.tasks))]:
                 self.tasks[job.id] = asyncio.ensure_future(self._run(job.id))
                 self.tasks[job.id].add_done_callback(lambda _t, jid=job.id: self._finished(jid))
+            metrics.jobs_active(sum(j.id not in self.tasks for j in queued), len(self.tasks))
 
     def _finished(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
@@ -102,6 +104,7 @@ class JobRunner:
     # 2. events ----------------------------------------------------------------------------------------
     async def event(self, job_id: str, kind: str, data: dict) -> None:
         self.store.append_event(job_id, kind, data)
+        metrics.job_event(kind)
         async with self._changed:
             self._changed.notify_all()
         if self.on_event is not None:
@@ -161,6 +164,7 @@ class JobRunner:
         live.steps = params.steps or 0
         live.warnings.extend(request.effective(mode).warnings)
         self.store.set_status(job_id, "running")
+        metrics.queue_wait("job", time.time() - job.created_at)
         await self.event(job_id, "started", {"seeds": seeds})
         t0 = time.perf_counter()
         groups = split_seeds(seeds, group_size(self.router_config, bool(prune)))

@@ -37,6 +37,8 @@ from hidream_serve.api.openai_protocol import (
 from hidream_serve.api.protocol import GenerateRequest
 from hidream_serve.engine.errors import InvalidInput
 
+from . import metrics
+
 api = APIRouter(tags=["openai"])
 
 _ERRORS = {400: {"description": 'OpenAI\'s error shape: {"error": {"message", "type", "param", "code"}}'}}
@@ -77,6 +79,7 @@ def _error_response(err: BaseException, retry_after_s: float) -> JSONResponse:
 @api.post("/v1/images/generations", responses=_ERRORS, openapi_extra=_body_doc(ImageGenerationRequest, "application/json"))
 async def generations(request: Request) -> Response:
     router = _router()
+    mode = "unknown"  # until the request is read
     try:
         try:
             raw = json.loads(await request.body())
@@ -87,24 +90,30 @@ async def generations(request: Request) -> Response:
         if raw.get("mask") is not None:
             raise unsupported("mask", "masks are not supported (generations take no image)")
         body = ImageGenerationRequest.model_validate(raw)
-        return await _answer(request, body, body.job_mode(), [], "image_generation")
+        mode = body.job_mode()
+        response = await _answer(request, body, mode, [], "image_generation")
     except Exception as e:  # noqa: BLE001 - every error in OpenAI's shape
-        return _error_response(e, router.config.retry_after_s)
+        response = _error_response(e, router.config.retry_after_s)
+    metrics.request("openai", mode, response.status_code)
+    return response
 
 
 @api.post("/v1/images/edits", responses=_ERRORS, openapi_extra=_body_doc(ImageEditRequest, "multipart/form-data", _IMAGE_FILES))
 async def edits(request: Request) -> Response:
     router = _router()
+    mode = "unknown"  # until the request is read
     try:
         fields, images = await _read_form(request)
         body = ImageEditRequest.model_validate(fields)
         mode = body.job_mode(len(images))
         refs = [{"image": base64.b64encode(data).decode(), "role": role}
                 for data, role in zip(images, body.ref_roles(len(images)))]  # fmt: skip
-        return await _answer(request, body, mode, [{k: v for k, v in r.items() if v is not None} for r in refs],
-                             "image_edit")  # fmt: skip
+        response = await _answer(request, body, mode, [{k: v for k, v in r.items() if v is not None} for r in refs],
+                                 "image_edit")  # fmt: skip
     except Exception as e:  # noqa: BLE001 - every error in OpenAI's shape
-        return _error_response(e, router.config.retry_after_s)
+        response = _error_response(e, router.config.retry_after_s)
+    metrics.request("openai", mode, response.status_code)
+    return response
 
 
 @api.get("/v1/images/files/{job_id}/{seed}.{fmt}", responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}}})

@@ -40,7 +40,7 @@ from hidream_serve.engine.params import DEV, FULL
 from hidream_serve.scoring.context import ScoreContext
 from hidream_serve.vocabulary import MODES, RECIPES, ROLES, SCHEDULERS, Mode
 
-from . import job_routes, openai_routes, studio_routes, sweep_routes
+from . import job_routes, metrics, openai_routes, studio_routes, sweep_routes
 from .config import RouterConfig
 from .fanout import best_of_n, cancel_with_caller
 from .messages import AppInfo, GroupJob, ScoreJob
@@ -191,8 +191,11 @@ class Router:
             out = await best_of_n(params, seeds, generate, score if self.scorer is not None else None, self.config,
                                   pruning=bool(prune))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - the one mapping, in hidream_serve.api.errors
-            return error_response(e, rid, self.config.retry_after_s)
+            failed = error_response(e, rid, self.config.retry_after_s)
+            metrics.request("generate", mode, failed.status_code)
+            return failed
 
+        metrics.groups_waited(out.groups)
         t_encode = time.perf_counter()
         warnings = list(dict.fromkeys(pre["warnings"] + out.warnings))
         full = body.return_ == "all"
@@ -225,6 +228,7 @@ class Router:
         now = time.perf_counter()
         timing = f"encode;dur={(now - t_encode) * 1e3:.2f}, router;dur={(now - t0) * 1e3:.2f}"
         response.headers["Server-Timing"] = timing
+        metrics.request("generate", mode, response.status_code)
         return response
 
     # -- metadata and probes ------------------------------------------------------------------------------

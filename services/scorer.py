@@ -22,6 +22,7 @@ from hidream_serve.api.images import decode_png
 from hidream_serve.embedded import optional_model_dir
 from hidream_serve.scoring.random_full import is_random_full
 
+from . import metrics
 from .config import ScorerConfig, pick_device, pick_dtype, replica_name
 from .messages import ScoreJob, ScoreResult
 
@@ -89,5 +90,6 @@ class Scorer:
         pil = [decode_png(b) for b in job.images]
         with self._lock:
             out = self.scorer.score(job.prompt, pil, job.context)
+        metrics.scored(job.context.mode, time.perf_counter() - t0)
         return ScoreResult(composite=out["composite"], scores=out["scores"], warnings=out["warnings"],
                            replica=self.replica, seconds=time.perf_counter() - t0)  # fmt: skip

@@ -15,6 +15,8 @@ import json
 import logging
 import time
 
+from . import metrics
+
 log = logging.getLogger("ray.serve.hidream.jobs")
 
 
@@ -42,6 +44,7 @@ class WebhookSender:
                     r = await client.post(url, content=body, headers=headers)
                     if 200 <= r.status_code < 300:
                         self.delivered += 1
+                        metrics.webhook("delivered")
                         return True
                     reason = f"HTTP {r.status_code}"
                 except httpx.HTTPError as e:
@@ -50,5 +53,6 @@ class WebhookSender:
                 if attempt + 1 < self.attempts:
                     await asyncio.sleep(self.backoff_s * 2**attempt)
         self.failed += 1
+        metrics.webhook("failed")
         log.warning("webhook %s (%s) given up after %d attempts", url, event, self.attempts)
         return False

@@ -14,8 +14,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_service(cache_dir: str, args, options: dict, timeout: float = 60):
-    """Yield an httpx client on 127.0.0.1 for the app `assemble(args, options)`; shut everything down after."""
+def running_service(cache_dir: str, args, options: dict, timeout: float = 60, metrics_port: int | None = None):
+    """Yield an httpx client on 127.0.0.1 for the app `assemble(args, options)`; shut everything down after.
+    `metrics_port`: Ray exports its metrics (and the service's) at http://127.0.0.1:<port>/metrics, every second."""
     import httpx
     import ray
     from ray import serve
@@ -26,8 +27,10 @@ def running_service(cache_dir: str, args, options: dict, timeout: float = 60):
     env = {"HIDREAM_SERVE_CACHE": cache_dir, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    metrics = {} if metrics_port is None else {"_metrics_export_port": metrics_port,
+                                               "_system_config": {"metrics_report_interval_ms": 1000}}  # fmt: skip
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": env})  # fmt: skip
+             runtime_env={"env_vars": env}, **metrics)  # fmt: skip
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(assemble(args, options), name="hidream", route_prefix="/", blocking=False)
