@@ -51,7 +51,9 @@ class Generator:
         self.replica = replica_name()
         self._lock = threading.Lock()  # one engine call at a time, whatever max_ongoing_requests says
         self._broken: str | None = None
+        # a group's images on one pool, each image's row bands deflated on the other (hidream_serve/png.py)
         self._png_pool = concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), "png")
+        self._band_pool = concurrent.futures.ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)), "png-band")
         self._torch = torch
         self.scorer = scorer  # scores previews when a request asks for early pruning
         log.info("%s loaded %s on %s in %.1fs (attention %s)", self.replica, self.path, self.device,
@@ -177,11 +179,12 @@ class Generator:
                                                 preview_score_s=hook.seconds if hook is not None else 0.0))  # fmt: skip
 
     def _encode_all(self, images: list, texts: list[dict]) -> list[bytes | None]:
-        """PNG-encode a group's images in parallel (zlib releases the GIL): a 2048x2048 PNG takes ~1 s alone."""
+        """PNG-encode a group's images in parallel, and each one's row bands too (zlib releases the GIL): a
+        2048x2048 PNG takes ~1 s on one core."""
         level = self.config.png_compress_level
 
         def one(img, text):
-            return None if img is None else encode_png(img, text, level)
+            return None if img is None else encode_png(img, text, level, self._band_pool)
 
         if len(images) < 2:
             return [one(img, t) for img, t in zip(images, texts)]

@@ -32,6 +32,7 @@ from .settings import SCORER_NAMES, ModeWeights, RoleWeights
 log = logging.getLogger(__name__)
 
 MODEL_SCORERS = ("pickscore", "clip", "dino")  # the scorers that load a model (dino: fidelity's)
+SCORING_MIN_EDGE = 448  # twice the models' 224-px input: the shorter side an image is reduced towards first
 _STD_EPS = 1e-6
 
 
@@ -70,6 +71,14 @@ def combine(raw: Mapping[str, Sequence[float | None]], weights: Mapping[str, flo
 def _short(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}"
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def scoring_view(img: Image.Image) -> Image.Image:
+    """The image box-reduced by the largest integer factor that keeps its shorter side at least `SCORING_MIN_EDGE`.
+    Every model resizes to about 224 px anyway; reduced first, their processors handle a quarter of a megapixel
+    instead of four (2048x2048: 0.25 s -> 0.02 s per model for four images) and the result barely moves."""
+    factor = min(img.size) // SCORING_MIN_EDGE
+    return img.reduce(factor) if factor >= 2 else img
 
 
 class CompositeScorer:
@@ -165,7 +174,7 @@ class CompositeScorer:
                    ) -> tuple[dict[str, list[float]], list[str]]:  # fmt: skip
         """Raw score lists of every scorer the mode weights above 0, and warnings."""
         ctx = ctx or ScoreContext()
-        images = list(images)
+        images = [scoring_view(im) for im in images]
         weights = self.weights_for(ctx.mode)
         raw: dict[str, list[float]] = {}
         warnings: list[str] = []
