@@ -166,7 +166,7 @@ def test_presets_are_offered_when_the_server_has_them(service, browser):
     assert console_errors(browser) == []
 
 
-def test_a_reference_image_gets_a_role(service, browser, tmp_path):
+def test_reference_images_get_roles_and_reach_the_server(service, browser, tmp_path):
     from PIL import Image
 
     open_studio(browser, service)
@@ -190,6 +190,13 @@ def test_a_reference_image_gets_a_role(service, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "#refs li:nth-child(2) select option[value='face']").click()
     body = json.loads(browser.execute_script("return JSON.stringify(buildRequest())"))
     assert [r.get("role") for r in body["refs"]] == ["style", "face"]
+    # an edit job with both refs: the data URLs and roles are what the server runs
+    fill_small_job(browser, prompt="make it blue", n="1", steps="2")
+    browser.find_element(By.CSS_SELECTOR, "#mode option[value='ip']").click()
+    browser.find_element(By.ID, "submit").click()
+    wait(browser, lambda d: d.find_element(By.ID, "job-status").text == "succeeded", 120, "the ip job to succeed")
+    job = service.get(f"/v1/jobs/{browser.find_element(By.ID, 'job-id').text}").json()
+    assert job["mode"] == "ip" and job["status"] == "succeeded"
     for _ in range(2):
         browser.find_element(By.CSS_SELECTOR, "#refs li button").click()
     assert browser.find_elements(By.CSS_SELECTOR, "#refs li") == []
