@@ -55,6 +55,7 @@ EDIT_PROMPT = "make it night, lit by a single street lamp"
 SEEDS4 = [42, 43, 44, 45]
 PRUNE = [{"at": 0.25, "keep": 0.5}, {"at": 0.5, "keep": 0.5}]  # bench_gpu's bestof4_t2i_pruned schedule
 CASES = ("t2i_n1", "bestof4_t2i", "bestof4_t2i_pruned", "skeleton6", "edit")
+JOB_CASE = "bestof4_t2i"  # also run as a job (`--job`): progress events and previews against the synchronous call
 WARM_STEPS = 4  # every scheduler path once (UniPC's corrector starts at step 3)
 OVERHEADS = {  # name -> what it is (the .md legend)
     "validate_decode": "router: body received, parsed, refs base64+image decoded, input checks (timings.validate)",
@@ -318,6 +319,42 @@ def send(port: int, mode: str, body: dict) -> dict:
             "response_bytes": len(raw), "server_timing": server_timing(headers.get("server-timing"))}  # fmt: skip
 
 
+def send_job(port: int, mode: str, body: dict) -> dict:
+    """The same request as a job (`POST /v1/jobs`), followed on its SSE stream to the end: the wall from submit to
+    the final event, the events by kind (progress and previews included), and the finished job's body."""
+    t0 = time.perf_counter()
+    status, _, raw = http_call(port, "POST", "/v1/jobs", json.dumps({**body, "mode": mode}).encode())
+    if status != 202:
+        raise RuntimeError(f"job {mode}: HTTP {status}: {raw[:2000].decode(errors='replace')}")
+    job_id = json.loads(raw)["id"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+    kinds: dict[str, int] = {}
+    first_preview = None
+    try:
+        conn.request("GET", f"/v1/jobs/{job_id}/events")
+        resp = conn.getresponse()
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            if line.startswith(b"event: "):
+                kind = line[7:].strip().decode()
+                kinds[kind] = kinds.get(kind, 0) + 1
+                if kind == "preview" and first_preview is None:
+                    first_preview = time.perf_counter() - t0
+                if kind in ("succeeded", "failed", "cancelled"):
+                    break
+    finally:
+        conn.close()
+    wall = time.perf_counter() - t0
+    _, _, raw = http_call(port, "GET", f"/v1/jobs/{job_id}")
+    job = json.loads(raw)
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {mode}: {job['status']}: {job.get('error')}")
+    return {"job_wall_s": round(wall, 4), "events": kinds, "first_preview_s": first_preview and round(first_preview, 3),
+            "timings": job["result"]["timings"], "seeds": [c["seed"] for c in job["result"]["candidates"]]}  # fmt: skip
+
+
 def breakdown(sent: dict) -> dict:
     """A case's record: HTTP wall, engine wall and every overhead on the critical path (the slowest group)."""
     resp, wall, st = sent["resp"], sent["wall"], sent["server_timing"]
@@ -470,6 +507,10 @@ def write_report(report: dict, out_dir: Path) -> Path:
                       f"{probe['load_s']} s."]  # fmt: skip
     elif probe:
         lines += ["", f"Scorer probe failed: {probe.get('error')}"]
+    for name, job in (report.get("job") or {}).items():
+        lines += ["", f"As a job (`POST /v1/jobs`, followed on its event stream): {name} {job['job_wall_s']} s from "
+                      f"submit to `succeeded`, {job['over_sync_http_wall']}x the synchronous call; events {job['events']}; "
+                      f"first preview after {job['first_preview_s']} s."]  # fmt: skip
     lines += ["", "Overheads:", ""] + [f"- `{k}`: {v}" for k, v in OVERHEADS.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -503,6 +544,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--no-scorer-probe", dest="scorer_probe", action="store_false",
                     help="skip scoring 4 images with the scorers alone after Serve stops (GPU memory, seconds)")
+    ap.add_argument("--job", action="store_true", help=f"also run {JOB_CASE} as a job (POST /v1/jobs + its SSE "
+                    "events, previews on): what progress and previews cost")
     ap.add_argument("--start-timeout", type=float, default=1200)
     ap.add_argument("--verbose", action="store_true", help="replica logs on this terminal")
     args = ap.parse_args(argv)
@@ -571,6 +614,16 @@ def main(argv=None) -> int:
                 cases[name] = best
                 print(f"{name}: HTTP {best['http_wall_s']:.3f}s, engine {best['engine_wall_s']:.3f}s, "
                       f"overheads {best['overheads']}", flush=True)  # fmt: skip
+            if args.job and JOB_CASE in cases:
+                mode, body = bodies[JOB_CASE]
+                mem.phase = "job"
+                try:
+                    job = send_job(port, mode, body)
+                    job["over_sync_http_wall"] = round(job["job_wall_s"] / cases[JOB_CASE]["http_wall_s"], 4)
+                    report["job"] = {JOB_CASE: job}
+                    print(f"job {JOB_CASE}: {job}", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    failed[f"job_{JOB_CASE}"] = f"{type(e).__name__}: {e}"[:2000]
         finally:
             stop_service()
     if args.scorer_probe and "app" in report:
