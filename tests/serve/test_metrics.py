@@ -116,4 +116,5 @@ def test_metrics_after_requests(tmp_path):
     assert value(found, "ray_hidream_jobs_total", state="queued") >= 1
     assert value(found, "ray_hidream_jobs_total", state="started") >= 1
     assert value(found, "ray_hidream_previews_total") >= 1  # preview_at [0.5]: one per candidate
+    assert any(n == "ray_hidream_jobs_active" and ("state", "queued") in ls for n, ls in found)
     assert value(found, "ray_hidream_gpu_peak_memory_bytes") == 0  # CPU replicas export no GPU memory
