@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.datastructures import UploadFile
 
-from hidream_serve.api.errors import BadRequest, Unavailable, classify
+from hidream_serve.api.errors import BadRequest, Unavailable, classify, error_response
 from hidream_serve.api.jobs_protocol import TERMINAL, JobRequest, image_url
 from hidream_serve.api.openai_protocol import (
     MEDIA_TYPES,
@@ -34,7 +34,7 @@ from hidream_serve.api.openai_protocol import (
     job_param,
     unsupported,
 )  # fmt: skip
-from hidream_serve.api.protocol import GenerateRequest
+from hidream_serve.api.protocol import ERROR_RESPONSES, GenerateRequest
 from hidream_serve.engine.errors import InvalidInput
 
 from . import metrics
@@ -116,15 +116,18 @@ async def edits(request: Request) -> Response:
     return response
 
 
-@api.get("/v1/images/files/{job_id}/{seed}.{fmt}", responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}}})
-async def image_file(job_id: str, seed: int, fmt: OutputFormat, compression: int | None = Query(None, ge=0, le=100)):
-    """A job's candidate as jpeg or webp (the `url` of a non-png `output_format`); png is /v1/jobs/{id}/images."""
+@api.get("/v1/images/files/{job_id}/{seed}.{fmt}",
+         responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}}, **ERROR_RESPONSES})  # fmt: skip
+async def image_file(job_id: str, seed: int, fmt: OutputFormat, request: Request,
+                     compression: int | None = Query(None, ge=0, le=100)) -> Response:  # fmt: skip
+    """A job's candidate as jpeg or webp (the `url` of a non-png `output_format`); png is /v1/jobs/{id}/images.
+    A file route like that one: its errors are the service's usual body, not OpenAI's."""
     router = _router()
     try:
         png = await router.jobs.image.remote(job_id, seed)
         data, _ = await asyncio.to_thread(_encode, png, fmt, compression)
     except Exception as e:  # noqa: BLE001
-        return _error_response(e, router.config.retry_after_s)
+        return error_response(e, request.state.request_id, router.config.retry_after_s)
     return Response(data, media_type=MEDIA_TYPES[fmt])
 
 

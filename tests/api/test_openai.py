@@ -89,6 +89,8 @@ def test_quality_maps_to_a_recipe_and_output_format_is_honoured(client, service)
     assert out.data[0].url.endswith(".jpeg?compression=70")
     jpeg = httpx.get(out.data[0].url, trust_env=False)
     assert jpeg.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(jpeg.content)).format == "JPEG"
+    missing = httpx.get(out.data[0].url.replace("/3.jpeg", "/4.jpeg"), trust_env=False)
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "seed"
 
     webp = client.images.generate(prompt="a blue sphere", quality="high", output_format="webp", size="auto",
                                   extra_body={"seed": 3, **FAST})  # fmt: skip
