@@ -147,9 +147,9 @@ def app_config(args) -> tuple[dict, dict]:
         limits={"max_n": 8, "max_steps": 100, "max_pixels": max(args.size**2, 2048**2), "max_refs": 10,
                 "max_image_bytes": 20 * 2**20, "max_image_pixels": 50_000_000, "max_prompt_chars": 4000},
         defaults={"recipe": "full", "width": args.size, "height": args.size, "exact_size": True, "n": 1},
-        router={"seeds_per_call": args.seeds_per_call, "prune_group_size": 4, "generate_timeout_s": 1800,
+        router={"seeds_per_call": args.seeds_per_call, "prune_group_size": min(4, args.max_batch), "generate_timeout_s": 1800,
                 "score_timeout_s": 300},
-        generator={"max_batch": 4, "torch_threads": threads},
+        generator={"max_batch": args.max_batch, "torch_threads": threads},
         scorer={"batch_size": 16, "torch_threads": threads},
     )  # fmt: skip
     generator_gpus = (1.0 - args.scorer_gpu_fraction if scorer_gpu else 1.0) if cuda else 0
@@ -544,14 +544,18 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--no-scorer-probe", dest="scorer_probe", action="store_false",
                     help="skip scoring 4 images with the scorers alone after Serve stops (GPU memory, seconds)")
+    ap.add_argument("--max-batch", type=int, default=4, help="generator max_batch (candidates denoised at once; "
+                    "2 for a 24 GB card; pruning needs 2)")
     ap.add_argument("--job", action="store_true", help=f"also run {JOB_CASE} as a job (POST /v1/jobs + its SSE "
                     "events, previews on): what progress and previews cost")
     ap.add_argument("--start-timeout", type=float, default=1200)
     ap.add_argument("--verbose", action="store_true", help="replica logs on this terminal")
     args = ap.parse_args(argv)
     args.scorer_device = args.scorer_device or args.device
-    args.seeds_per_call = args.seeds_per_call or math.ceil(len(SEEDS4) / args.gpus)
+    args.seeds_per_call = args.seeds_per_call or min(math.ceil(len(SEEDS4) / args.gpus), args.max_batch)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if args.max_batch < 2:
+        ap.error("--max-batch: at least 2 (pruning ranks the candidates of one batch)")
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         ap.error(f"--cases: unknown {unknown}; known: {list(CASES)}")
