@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .client import add_parsers as _add_client
 
     _add_client(sub)
+    from .sweeps_client import add_parser as _add_sweep
+
+    _add_sweep(sub)
     return parser
 
 

@@ -128,6 +128,10 @@ class JobsClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", "/v1/jobs", json=body, headers=headers).json()
 
+    def submit_sweep(self, body: dict) -> dict:
+        """POST /v1/sweeps (hidream_serve/sweeps_client.py); the sweep is then a job like any other."""
+        return self._call("POST", "/v1/sweeps", json=body).json()
+
     def get(self, job_id: str) -> dict:
         return self._call("GET", f"/v1/jobs/{job_id}").json()
 

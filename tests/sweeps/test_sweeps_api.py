@@ -62,7 +62,7 @@ def test_a_2x3_sweep_with_2_seeds_per_cell_runs_over_both_replicas(service, tmp_
     assert len(replicas) == 2, replicas
     for cell in cells:
         assert [c["seed"] for c in cell["candidates"]] == [11, 12]
-        assert all(c["score"] is not None and c["scores"] for c in cell["candidates"])
+        assert all(c["score"] is not None and c["scores"] for c in cell["candidates"]), (cell["warnings"], result["warnings"])
         assert cell["best"] == max(c["score"] for c in cell["candidates"])
         assert cell["mean"] == pytest.approx(sum(c["score"] for c in cell["candidates"]) / 2)
         assert cell["settings"]["shift"] == cell["values"]["shift"] and cell["settings"]["guidance"] == cell["values"]["guidance"]
@@ -147,3 +147,38 @@ def test_a_generate_job_still_reports_no_sweep_fields_and_unknown_sweep_files_ar
     r = service.get(f"/v1/jobs/{job['id']}/contact-sheet.png")
     assert r.status_code == 404 and r.json()["error"]["field"] == "id"
     assert service.get("/v1/jobs/nope/table.csv").status_code == 404
+
+
+def test_the_cli_runs_an_example_sweep_file_and_writes_sheet_table_and_images(service, tmp_path, capsys):
+    from pathlib import Path
+
+    from hidream_serve.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "layout-2-box-order.yaml"
+    if not (example.parent.parent.parent / "shared" / "assets" / "IP_layout").is_dir():
+        pytest.skip("the example images (../shared/assets) are not here")
+    out = tmp_path / "out"
+    # 128 px, not 64: at 64 the engine cannot fit a layout ref into its box (a ValueError, not a 422)
+    argv = ["sweep", str(example), "--out", str(out), "--server", str(service.base_url), "--n", "1",
+            "--set", "steps=2", "--set", "width=128", "--set", "height=128", "--set", "exact_size=true"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "cell 0 done (refs=0+1)" in printed and "cell 1 done (refs=1+0)" in printed and "best cell" in printed
+    rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
+    assert [r["refs"] for r in rows] == ["0+1", "1+0"]
+    assert Image.open(out / "contact-sheet.png").format == "PNG"
+    assert json.loads((out / "table.json").read_text())[1]["refs"] == "1+0"
+    job = json.loads((out / "result.json").read_text())
+    assert job["kind"] == "sweep" and job["status"] == "succeeded"
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "cells").rglob("*.png")) == ["cells/0/42.png",
+                                                                                           "cells/1/42.png"]  # fmt: skip
+
+
+def test_the_cli_prints_a_refused_sweep_with_its_field(service, tmp_path, capsys):
+    from hidream_serve.cli import main
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("base: {mode: t2i, prompt: a, steps: 2, width: 64, height: 64, exact_size: true}\n"
+                    "axes: {guidance: [5.0, 50.0]}\n")  # fmt: skip
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "o"), "--server", str(service.base_url)]) == 2
+    assert "axes.guidance[1]" in capsys.readouterr().err
