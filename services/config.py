@@ -31,6 +31,14 @@ class RouterConfig(_Config):
     retry_after_s: float = Field(5.0, ge=0, description="Retry-After sent with 503 when overloaded")
     max_body_bytes: int = Field(300 * 2**20, ge=1024, description="largest request body accepted (413 above)")
     ready_cache_s: float = Field(2.0, ge=0, description="how long /readyz reuses its answer")
+    ref_pixels_per_request: int = Field(50_000_000, ge=4096, description="reference pixels one request may hold "
+                                        "after each ref is reduced to what the engine uses (422 naming the ref "
+                                        "beyond)")  # fmt: skip
+    ref_decode_pixels: int = Field(60_000_000, ge=4096, description="reference pixels decoded at full size at "
+                                   "once in the router process, across requests (the rest wait)")  # fmt: skip
+    ref_decode_wait_s: float = Field(30.0, gt=0, description="longest wait for that budget; past it, 503")
+    release_memory_pixels: int = Field(4_000_000, ge=0, description="after a request that decoded at least this "
+                                       "many reference pixels, freed memory is given back to the OS")  # fmt: skip
     sweep_max_images: int = Field(256, ge=1, le=100_000, description="largest cells x seeds of one sweep "
                                   "(POST /v1/sweeps; 422 naming `axes` above)")  # fmt: skip
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -20,7 +21,7 @@ from starlette.datastructures import Headers
 
 from hidream_serve.api.checks import precheck
 from hidream_serve.api.errors import BadRequest, PayloadTooLarge, Unavailable, error_response, install_error_handlers
-from hidream_serve.api.images import b64
+from hidream_serve.api.images import PixelBudget, RefBudget, b64, release_memory
 from hidream_serve.api.protocol import (
     CandidateOut,
     Debug,
@@ -42,7 +43,8 @@ from hidream_serve.vocabulary import MODES, RECIPES, ROLES, SCHEDULERS, Mode
 
 from . import job_routes, metrics, openai_routes, studio_routes, sweep_routes
 from .config import RouterConfig
-from .fanout import best_of_n, cancel_with_caller
+from .admission import Admission
+from .fanout import best_of_n, cancel_with_caller, group_size
 from .messages import AppInfo, GroupJob, ScoreJob
 
 log = logging.getLogger("ray.serve.hidream.router")  # under Serve's logger: replica logs
@@ -67,6 +69,13 @@ def _limits() -> Limits:
         return serve.get_replica_context().servable_object.limits
     except Exception:  # noqa: BLE001 - outside a replica, or before __init__ finished
         return Limits()
+
+
+def _app_name() -> str | None:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside a replica
+        return None
 
 
 def _openapi() -> dict:
@@ -140,9 +149,14 @@ app.include_router(sweep_routes.api)  # /v1/presets, /v1/sweeps and a sweep's fi
 app.include_router(studio_routes.api)  # the web studio at /, and /docs offline
 
 
-def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Defaults):
-    """The whole request check (decodes the reference images): (params, seeds, precheck's answer)."""
-    params, seeds = body.to_engine(mode, limits, defaults)
+def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Defaults,
+             ref_budget: RefBudget | None = None):  # fmt: skip
+    """The whole request check (decodes the reference images within `ref_budget`): (params, seeds, precheck's
+    answer)."""
+    params, seeds = body.to_engine(mode, limits, defaults, ref_budget)
+    if ref_budget is not None and ref_budget.large:
+        release_memory()  # what the full-size decodes left
+        weakref.finalize(params, release_memory)  # and the reduced refs, once the request is done with them
     pre = precheck(params, seeds, limits, body.prune_plan())
     pre["warnings"][:0] = body.effective(mode).warnings  # refs a preset dropped, first
     return params, seeds, pre
@@ -160,9 +174,17 @@ class Router:
         self.info = info
         self.config = RouterConfig()
         self._ready: tuple[float, bool, dict] | None = None
+        self.decode_budget = PixelBudget(self.config.ref_decode_pixels, self.config.ref_decode_wait_s)
+        self.admission = Admission(_app_name())  # the queue bound (services/admission.py)
 
     def reconfigure(self, user_config: dict) -> None:
         self.config = RouterConfig.model_validate(user_config or {})
+        self.decode_budget.pixels = self.config.ref_decode_pixels
+        self.decode_budget.wait_s = self.config.ref_decode_wait_s
+
+    def ref_budget(self) -> RefBudget:
+        """A request's reference-decoding budget (hidream_serve/api/images.py), from the live config."""
+        return RefBudget(self.config.ref_pixels_per_request, self.decode_budget, self.config.release_memory_pixels)
 
     # -- generate -----------------------------------------------------------------------------------
     @app.post("/v1/generate/{mode}", response_model=GenerateResponse, response_model_exclude_none=False,
@@ -172,7 +194,8 @@ class Router:
         t0 = request.state.t0
         try:
             # decoding the refs (base64 + PIL) and the checks are CPU work: off the event loop, in one go
-            params, seeds, pre = await asyncio.to_thread(validate, body, mode, self.limits, self.defaults)
+            params, seeds, pre = await asyncio.to_thread(validate, body, mode, self.limits, self.defaults,
+                                                         self.ref_budget())  # fmt: skip
             prune = body.prune_plan()
             if prune and self.scorer is None:
                 raise InvalidInput("prune", "pruning needs a scorer and this server has none configured")
@@ -188,8 +211,9 @@ class Router:
             async def score(prompt, pngs):
                 return await cancel_with_caller(self.scorer.score.remote(ScoreJob(prompt, pngs, context)))
 
-            out = await best_of_n(params, seeds, generate, score if self.scorer is not None else None, self.config,
-                                  pruning=bool(prune))  # fmt: skip
+            async with self.admission.admit(len(seeds), group_size(self.config, bool(prune)), self.config):
+                out = await best_of_n(params, seeds, generate, score if self.scorer is not None else None,
+                                      self.config, pruning=bool(prune))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - the one mapping, in hidream_serve.api.errors
             failed = error_response(e, rid, self.config.retry_after_s)
             metrics.request("generate", mode, failed.status_code)

@@ -35,7 +35,8 @@ from hidream_serve.vocabulary import (
     SchedulerName,
 )  # fmt: skip
 
-from .images import decode_image
+from .images import RefBudget, decode_image
+from .ref_edges import engine_ref_edge
 
 RANDOM_SEED_BOUND = 2**31  # a server-chosen first seed is below this, so seed + n stays readable
 ReturnWhat = Literal["winner", "all"]
@@ -236,8 +237,10 @@ class GenerateRequest(_Strict):
             raise InvalidInput("seed", f"seed + n - 1 must be at most {MAX_SEED}")
         return [first + i for i in range(n)]
 
-    def to_engine(self, mode: str, limits: Limits, defaults: Defaults | None = None) -> tuple[GenerationParams, list[int]]:
-        """Engine params and the candidate seeds. Decodes the images (errors name `refs[i].image`)."""
+    def to_engine(self, mode: str, limits: Limits, defaults: Defaults | None = None,
+                  ref_budget: RefBudget | None = None) -> tuple[GenerationParams, list[int]]:  # fmt: skip
+        """Engine params and the candidate seeds. Decodes the images (errors name `refs[i].image`), each reduced to
+        what the engine will use, within `ref_budget` when given (api/images.py)."""
         defaults = defaults or Defaults()
         if mode not in MODES:
             raise InvalidInput("mode", f"must be one of {list(MODES)}, got {mode!r}")
@@ -250,8 +253,13 @@ class GenerateRequest(_Strict):
         seeds = self.seed_list(limits, defaults)
         eff = self.effective(mode)
         req = eff.request
+        edge = engine_ref_edge(mode, len(req.refs), defaults.width if self.width is None else self.width,
+                               defaults.height if self.height is None else self.height,
+                               defaults.exact_size if self.exact_size is None else self.exact_size,
+                               self.keep_original_aspect, bool(self.layout_boxes))  # fmt: skip
         images = [
-            decode_image(r.image, f"refs[{i}].image", limits.max_image_bytes, limits.max_image_pixels)
+            decode_image(r.image, f"refs[{i}].image", limits.max_image_bytes, limits.max_image_pixels, edge=edge,
+                         budget=ref_budget)  # fmt: skip
             for i, r in zip(eff.kept, req.refs)
         ]
         params = GenerationParams(

@@ -86,7 +86,8 @@ def test_decoding_and_checks_run_off_the_event_loop_in_one_thread_call(monkeypat
     monkeypatch.setattr(GenerateRequest, "to_engine", to_engine)
     validate = GENERATE.__globals__["validate"]
     monkeypatch.setitem(validate.__globals__, "precheck", precheck)
-    router = SimpleNamespace(limits=Limits(), defaults=Defaults(), config=RouterConfig(), scorer=None, generator=None)
+    router = SimpleNamespace(limits=Limits(), defaults=Defaults(), config=RouterConfig(), scorer=None, generator=None,
+                             ref_budget=lambda: None)  # fmt: skip
     request = SimpleNamespace(state=SimpleNamespace(request_id="rid-1", t0=0.0))
     body = GenerateRequest.model_validate({"prompt": "a fox"})
 
