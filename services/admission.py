@@ -11,6 +11,9 @@ groups running or waiting. A request whose groups do not fit is refused at once 
 any generator is asked; an admitted one runs to the end (unless its client goes away). A request is always
 admitted when nothing else is in flight, whatever its size. Groups of the Jobs deployment share the replicas but
 are not counted here (jobs wait and retry on their own: docs/jobs.md).
+
+On stop, `Router.drain` closes admission and waits until the admitted requests are done, before the deployments
+are stopped (services/serve_run.py): a scorer stopped first would leave them unscored.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Admission:
     def __init__(self, app_name: str | None):
         self.app_name = app_name
         self.groups = 0
+        self.closed = False  # stopping: nothing new is admitted (Router.drain)
         self._probe: tuple[float, int, int] | None = None  # (when, replicas, slots)
 
     async def capacity(self, config: RouterConfig) -> int:
@@ -67,6 +71,8 @@ class Admission:
     @contextlib.asynccontextmanager
     async def admit(self, n_seeds: int, per_call: int, config: RouterConfig):
         n_groups = math.ceil(n_seeds / per_call)
+        if self.closed:
+            raise Unavailable("the server is stopping; retry on its successor", retry_after_s=config.retry_after_s)
         capacity = await self.capacity(config)
         if self.groups and self.groups + n_groups > capacity:
             raise Unavailable(f"the server is at capacity ({self.groups} of {capacity} seed groups running or "

@@ -182,6 +182,16 @@ class Router:
         self.decode_budget.pixels = self.config.ref_decode_pixels
         self.decode_budget.wait_s = self.config.ref_decode_wait_s
 
+    async def drain(self) -> int:
+        """Admit nothing more and wait until the admitted generate requests are done (at most queue, compute and
+        scoring deadlines); the seed groups still running when it gives up. Called on stop (services/serve_run.py)."""
+        self.admission.closed = True
+        c = self.config
+        deadline = time.monotonic() + c.queue_timeout_s + c.generate_timeout_s + c.score_timeout_s
+        while self.admission.groups and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return self.admission.groups
+
     def ref_budget(self) -> RefBudget:
         """A request's reference-decoding budget (hidream_serve/api/images.py), from the live config."""
         return RefBudget(self.config.ref_pixels_per_request, self.decode_budget, self.config.release_memory_pixels)
