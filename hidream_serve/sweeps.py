@@ -44,7 +44,7 @@ def label(axis: str, value: Any) -> str:
     if value is None:
         return "none"
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.1f}" if value.is_integer() else f"{value:g}"  # 1.0, 2.5
     if isinstance(value, (list, tuple)):
         return "+".join(str(v) for v in value) if axis == "refs" else ",".join(str(v) for v in value)
     text = str(value)

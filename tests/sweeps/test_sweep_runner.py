@@ -94,7 +94,7 @@ def test_a_resumed_sweep_keeps_its_stored_cells_and_ranks_on_one_scale(tmp_path)
     assert all(c["cell_score"] == 0.0 for cell in result["cells"] for c in cell["candidates"])
     assert result["cells"][1]["mean"] > result["cells"][2]["mean"] > result["cells"][0]["mean"]
     rows = list(csv.DictReader(io.StringIO((tmp_path / "results" / job.id / TABLE_CSV).read_text())))
-    assert [r["shift"] for r in rows] == ["1", "3", "2"] and [r["rank"] for r in rows] == ["3", "1", "2"]
+    assert [r["shift"] for r in rows] == ["1.0", "3.0", "2.0"] and [r["rank"] for r in rows] == ["3", "1", "2"]
     sheet = Image.open(tmp_path / "results" / job.id / SHEET)
     assert sheet.format == "PNG" and sheet.width > 3 * 2 * 32
     kinds = [e.kind for e in store.events(job.id)]

@@ -56,7 +56,7 @@ def test_a_2x3_sweep_with_2_seeds_per_cell_runs_over_both_replicas(service, tmp_
     result = job["result"]
     cells = result["cells"]
     assert len(cells) == 6 and result["axes"] == ["shift", "guidance"]
-    assert [c["labels"] for c in cells[:3]] == [{"shift": "1", "guidance": g} for g in ("1", "3", "5")]
+    assert [c["labels"] for c in cells[:3]] == [{"shift": "1.0", "guidance": g} for g in ("1.0", "3.0", "5.0")]
     assert sorted(result["ranking"]) == list(range(6)) and [cells[i]["rank"] for i in result["ranking"]] == [1, 2, 3, 4, 5, 6]
     replicas = {c["replica"] for cell in cells for c in cell["candidates"]}
     assert len(replicas) == 2, replicas
