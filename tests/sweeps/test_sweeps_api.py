@@ -182,3 +182,26 @@ def test_the_cli_prints_a_refused_sweep_with_its_field(service, tmp_path, capsys
                     "axes: {guidance: [5.0, 50.0]}\n")  # fmt: skip
     assert main(["sweep", str(spec), "--out", str(tmp_path / "o"), "--server", str(service.base_url)]) == 2
     assert "axes.guidance[1]" in capsys.readouterr().err
+
+
+def test_a_preset_on_a_generate_call_and_on_a_job_drops_refs_warns_and_reports_the_prompt(service):
+    refs = [{"image": b64(noise_image(64, 64, seed=i)), "role": r} for i, r in enumerate(["face", "background", "pose",
+                                                                                         "garment"])]  # fmt: skip
+    body = {"prompt": "a woman", "seed": 3, "refs": refs, "preset": "tryon-natural", "annotate_refs": True, **SMALL}
+    r = service.post("/v1/generate/skeleton", json=body)
+    assert r.status_code == 200, r.text[:1000]
+    out = r.json()
+    assert out["warnings"][:2] == [
+        "ref 2 (background, refs[1]) dropped: a background ref locks the composition",
+        "ref 3 (pose, refs[2]) dropped: an openpose ref locks the pose and overrides pose instructions in the prompt"]
+    settings = out["settings"]
+    assert settings["shift"] == 2.0 and settings["guidance"] == 5.0 and settings["preset"] == "tryon-natural"
+    assert settings["prompt"] == "Image 1 is the face (identity) of the person; image 2 is a garment to wear. a woman"
+    assert len(settings["ref_sizes"]) == 2
+    job = wait_done(service, service.post("/v1/jobs", json={"mode": "skeleton", **body}).json()["id"])
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["result"]["settings"]["prompt"] == settings["prompt"] and job["result"]["settings"]["shift"] == 2.0
+    assert "ref 2 (background, refs[1]) dropped: a background ref locks the composition" in job["result"]["warnings"]
+    plain = service.post("/v1/generate/skeleton", json={k: v for k, v in body.items()
+                                                        if k not in ("preset", "annotate_refs")}).json()  # fmt: skip
+    assert "prompt" not in plain["settings"] and "preset" not in plain["settings"] and plain["settings"]["shift"] == 3.0
