@@ -130,3 +130,37 @@ def test_sweep_scores_z_score_each_scorer_over_the_whole_sweep():
     scores = sweep_scores(cells)
     assert scores[1] == [None]
     assert scores[0][0] == pytest.approx(-2 * 1.2247, abs=1e-3) and scores[2][0] == pytest.approx(0.0)
+
+
+def test_cancelling_a_sweep_stops_its_groups_and_keeps_the_finished_candidates(tmp_path):
+    store = JobStore(tmp_path / "db.sqlite3", tmp_path / "results")
+    job, _ = store.create(stored_request({"shift": [1.0, 2.0]}, n=1))
+    fake = FakeService()
+    stopped = []
+
+    async def stream(group):
+        if group.params.shift == 2.0:  # the second cell never finishes on its own
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                stopped.append(group.seeds)
+                raise
+        async for msg in fake.stream(group):
+            yield msg
+
+    async def go():
+        runner = JobRunner(store, stream, fake.score, JobsConfig(), RouterConfig(seeds_per_call=1), LIMITS, DEFAULTS)
+        runner.start()
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if any(e.kind == "candidate" for e in store.events(job.id)):
+                break
+        assert await runner.cancel(job.id)
+        await runner.stop()
+
+    asyncio.run(go())
+    done = store.get(job.id)
+    assert done.status == "cancelled" and stopped == [[5]]
+    assert done.result["candidates"] == [{"cell": 0, "seed": 5, "url": f"/v1/jobs/{job.id}/cells/0/images/5.png",
+                                          "steps_computed": 2}]  # fmt: skip
+    assert store.events(job.id)[-1].kind == "cancelled"
