@@ -129,3 +129,28 @@ def test_no_server_error_and_schema_conformance(api_schema):
     accepted_jobs = statuses[("POST /v1/jobs", 202)]
     assert generated >= 3 and accepted_jobs >= 3, "too few valid requests: the fuzzer only exercised the error paths"
     assert not failures, f"{len(failures)} of {sent} cases failed:\n" + "\n\n".join(failures[:20])
+
+
+def serve_forever(port: int) -> None:
+    """The same service on a fixed port until Ctrl-C or SIGTERM, for a long `st run` (docs/reliability.md)."""
+    import signal
+    import tempfile
+    import time
+    from unittest import mock
+
+    with tempfile.TemporaryDirectory() as cache, mock.patch("tests._serve.free_port", return_value=port):
+        with running_service(cache, service_args(), OPTIONS) as client:
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # after ray.init, which sets its own
+            wait_ready(client)
+            print(f"ready: http://127.0.0.1:{port}/openapi.json", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_forever(int(sys.argv[1]) if len(sys.argv) > 1 else 8000)
