@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import io
 import json
 import time
@@ -158,6 +159,18 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], list[bytes]]:
     return fields, images
 
 
+class _ClosingStream(StreamingResponse):
+    """Closes its event generator when the response ends, however it ends: a client that went away cancels the
+    request's task while the generator waits at a `yield`, and its cleanup (cancelling the jobs) would otherwise
+    run only when the generator is garbage-collected."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 # 2. validate and submit ----------------------------------------------------------------------------------------
 async def _answer(request: Request, body, mode: str, refs: list[dict], event_prefix: str) -> Response:
     router = _router()
@@ -167,13 +180,13 @@ async def _answer(request: Request, body, mode: str, refs: list[dict], event_pre
     bodies = body.job_bodies(mode, refs, "preset" in GenerateRequest.model_fields)
     jobs = await _submit(router, bodies)
     if body.stream:
-        return StreamingResponse(_stream(router, body, jobs, event_prefix), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        return _ClosingStream(_stream(router, body, jobs, event_prefix), media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
     try:
         ends = await asyncio.gather(*(_follow(router, job_id) for job_id, _ in jobs))
         images = [await _winner(router, job_id, end, body) for (job_id, _), end in zip(jobs, ends)]
     except BaseException:
-        await _cancel(router, jobs)  # a failed image or a client gone: the other jobs stop too
+        _cancel_soon(router, jobs)  # a failed image or a client gone: the other jobs stop too
         raise
     base = str(request.base_url).rstrip("/")
     data = []
@@ -239,14 +252,26 @@ async def _winner(router, job_id: str, end: dict, body) -> tuple[int, float | No
     return winner["seed"], winner.get("score"), encoded, size
 
 
-async def _cancel(router, jobs) -> None:
-    await asyncio.shield(asyncio.gather(*(router.jobs.cancel.remote(j) for j, _ in jobs), return_exceptions=True))
+_CANCELLING: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones to its tasks
+
+
+def _cancel_soon(router, jobs) -> None:
+    """Cancel the jobs from a task of its own, outside the request's context: Serve cancels the calls a cancelled
+    request made (a client gone), which would include these, and interrupts any await in the request's task."""
+
+    async def cancel_all():
+        await asyncio.gather(*(router.jobs.cancel.remote(j) for j, _ in jobs), return_exceptions=True)
+
+    task = contextvars.Context().run(asyncio.get_running_loop().create_task, cancel_all())
+    _CANCELLING.add(task)
+    task.add_done_callback(_CANCELLING.discard)
 
 
 async def _stream(router, body, jobs: list[tuple[str, list[int]]], prefix: str):
     """SSE: `<prefix>.partial_image` for up to `partial_images` previews of each job's first candidate, then
     `<prefix>.completed` per image; an `error` event (OpenAI's error body) if one fails."""
     queue: asyncio.Queue = asyncio.Queue()
+    completed = 0  # images whose completed event is queued
     common = {"background": body.background or "auto", "output_format": body.output_format,
               "quality": body.quality or "auto"}  # fmt: skip
 
@@ -254,6 +279,7 @@ async def _stream(router, body, jobs: list[tuple[str, list[int]]], prefix: str):
         return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
     async def follow(index: int, job_id: str, first_seed: int) -> None:
+        nonlocal completed
         sent = 0
 
         async def on_event(e):
@@ -275,30 +301,30 @@ async def _stream(router, body, jobs: list[tuple[str, list[int]]], prefix: str):
                 "type": f"{prefix}.completed", "b64_json": base64.b64encode(image).decode(), "image_index": index,
                 "seed": seed, "score": score, "job_id": job_id, "created_at": int(time.time()), "size": size,
                 "usage": _NO_USAGE, **common}))  # fmt: skip
+            completed += 1
         except Exception as e:  # noqa: BLE001 - becomes the stream's error event
             await queue.put(e)
         finally:
             await queue.put(None)
 
     tasks = [asyncio.ensure_future(follow(i, job_id, seeds[0])) for i, (job_id, seeds) in enumerate(jobs)]
-    done, failed = 0, False
+    done = 0
     try:
         while done < len(tasks):
             item = await queue.get()
             if item is None:
                 done += 1
             elif isinstance(item, Exception):
-                failed = True
                 err = json.loads(_error_response(item, router.config.retry_after_s).body)
                 yield sse("error", err)
                 return
             else:
                 yield item
-    finally:
+    finally:  # no await here: a cancelled request's task is cancelled again at each one
         for t in tasks:
             t.cancel()
-        if failed or done < len(tasks):
-            await _cancel(router, jobs)
+        if completed < len(tasks):  # an image failed, or the client went away (Serve cancels our event reads)
+            _cancel_soon(router, jobs)
 
 
 # usage counts: no token accounting here (the completed event's `usage` field is required by OpenAI's schema)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -18,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-LIMITS = {"max_n": 4, "max_steps": 50, "max_pixels": 256 * 256, "max_refs": 4, "max_image_bytes": 200_000,
+LIMITS = {"max_n": 4, "max_steps": 200, "max_pixels": 512 * 512, "max_refs": 4, "max_image_bytes": 200_000,
           "max_image_pixels": 1_000_000, "max_prompt_chars": 200}  # fmt: skip
 FAST = {"steps": 4}
 
@@ -101,7 +102,7 @@ def test_quality_maps_to_a_recipe_and_output_format_is_honoured(client, service)
 
 def test_edit_one_image_is_edit_several_are_ip_and_mode_roles_choose_others(client, service):
     a, b = encode(noise_image(64, 64, seed=1)), encode(noise_image(64, 64, seed=2))
-    one = client.images.edit(image=[("a.png", a, "image/png")], prompt="make it blue",
+    one = client.images.edit(image=("a.png", a, "image/png"), prompt="make it blue",  # one file: the `image` part
                              extra_body={"seed": 5, **FAST})  # fmt: skip
     assert png_of(one.data[0].b64_json).size == (64, 64)
     assert service.get(f"/v1/jobs/{one.data[0].model_extra['job_id']}").json()["mode"] == "edit"
@@ -155,3 +156,18 @@ def test_errors_are_bad_requests_naming_the_param(client, call, param):
     err = info.value
     assert err.status_code == 400 and err.param == param, (err.param, err.message)
     assert err.type == "invalid_request_error" and err.code and err.message
+
+
+def test_a_stream_closed_early_cancels_its_job(client, service):
+    stream = client.images.generate(prompt="a slow one", stream=True, partial_images=1, size="512x512",
+                                    extra_body={"seed": 77, "steps": 200})  # fmt: skip
+    with stream:
+        first = next(iter(stream))
+        assert first.type == "image_generation.partial_image"
+    job_id = service.get("/v1/jobs", params={"limit": 1}).json()["data"][0]["id"]
+    deadline = time.monotonic() + 60
+    while (status := service.get(f"/v1/jobs/{job_id}").json()["status"]) == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    job = service.get(f"/v1/jobs/{job_id}").json()
+    assert status == "cancelled", job["finished_at"] - job["started_at"]
