@@ -140,6 +140,8 @@ def app_config(args) -> tuple[dict, dict]:
         engine["attention"] = args.attention
     if args.quantize:
         engine["quantize"] = args.quantize
+    if args.gpu_memory_gib:
+        engine["gpu_memory_gib"] = args.gpu_memory_gib
     threads = None if cuda else 1
     app = dict(
         model=model, device=args.device, dtype="bfloat16" if cuda else "float32", engine=engine,
@@ -546,6 +548,8 @@ def parse_args(argv=None):
                     help="skip scoring 4 images with the scorers alone after Serve stops (GPU memory, seconds)")
     ap.add_argument("--max-batch", type=int, default=4, help="generator max_batch (candidates denoised at once; "
                     "2 for a 24 GB card; pruning needs 2)")
+    ap.add_argument("--gpu-memory-gib", type=float, default=None, help="cap the generator's GPU memory "
+                    "(engine.gpu_memory_gib): a smaller card's budget on a large one")
     ap.add_argument("--job", action="store_true", help=f"also run {JOB_CASE} as a job (POST /v1/jobs + its SSE "
                     "events, previews on): what progress and previews cost")
     ap.add_argument("--start-timeout", type=float, default=1200)

@@ -64,6 +64,10 @@ class EngineOptions(_Config):
         "fa3, or an SDPA preference")
     quantize: Literal["fp8"] | None = Field(None, description="fp8: decoder projections in FP8 e4m3 (GPUs with "
                                             "FP8 tensor cores; docs/fp8.md)")  # fmt: skip
+    gpu_memory_gib: float | None = Field(None, gt=0, le=4096, description="(cuda) the most GPU memory this "
+                                         "replica's tensors may hold: to share a card, or to run within a "
+                                         "smaller card's memory (an allocation past it frees cached blocks, "
+                                         "then fails as out of memory)")  # fmt: skip
     warm_up_size: int | None = Field(None, ge=64, le=4096, description="at start, generate once at this edge "
                                      "size so compilation happens before the replica takes requests (with "
                                      "compile; the graphs then serve every size)")  # fmt: skip

@@ -36,6 +36,15 @@ from .pruning import GenerationCancelled, PruningHook
 log = logging.getLogger("ray.serve.hidream.generator")  # under Serve's logger: replica logs
 
 
+def cap_gpu_memory(torch, device: str, gib: float) -> None:
+    """Limit the caching allocator of this process to `gib` on `device` (engine.gpu_memory_gib)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise ValueError(f"engine.gpu_memory_gib {gib} is more than the GPU has ({total / 2**30:.1f} GiB)")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+    log.info("GPU memory of this replica capped at %.1f GiB of %.1f", gib, total / 2**30)
+
+
 @serve.deployment(name="Generator", max_ongoing_requests=1, ray_actor_options={"num_cpus": 1})
 class Generator:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto",
@@ -47,6 +56,9 @@ class Generator:
         t0 = time.perf_counter()
         options = dict(max_batch=self.config.max_batch, **(engine or {}))
         warm_up_size = options.pop("warm_up_size", None)
+        memory_gib = options.pop("gpu_memory_gib", None)
+        if memory_gib and self.device.startswith("cuda"):
+            cap_gpu_memory(torch, self.device, memory_gib)
         self.pipe, self.path = load_pipeline(model, self.device, pick_dtype(dtype, self.device), **options)
         self.replica = replica_name()
         self._lock = threading.Lock()  # one engine call at a time, whatever max_ongoing_requests says
