@@ -143,6 +143,8 @@ def app_config(args) -> tuple[dict, dict]:
     if args.gpu_memory_gib:
         engine["gpu_memory_gib"] = args.gpu_memory_gib
     threads = None if cuda else 1
+    # a CPU scorer beside a GPU generator gets the host's cores (a Ray actor's default is one thread)
+    scorer_threads = max(1, (os.cpu_count() or 2) - 2) if cuda and not scorer_gpu else threads
     app = dict(
         model=model, device=args.device, dtype="bfloat16" if cuda else "float32", engine=engine,
         scorer_device=args.scorer_device, **scorers,
@@ -152,7 +154,7 @@ def app_config(args) -> tuple[dict, dict]:
         router={"seeds_per_call": args.seeds_per_call, "prune_group_size": min(4, args.max_batch), "generate_timeout_s": 1800,
                 "score_timeout_s": 300},
         generator={"max_batch": args.max_batch, "torch_threads": threads},
-        scorer={"batch_size": 16, "torch_threads": threads},
+        scorer={"batch_size": 16, "torch_threads": scorer_threads},
     )  # fmt: skip
     generator_gpus = (1.0 - args.scorer_gpu_fraction if scorer_gpu else 1.0) if cuda else 0
     options = {

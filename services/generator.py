@@ -38,10 +38,12 @@ log = logging.getLogger("ray.serve.hidream.generator")  # under Serve's logger: 
 
 def cap_gpu_memory(torch, device: str, gib: float) -> None:
     """Limit the caching allocator of this process to `gib` on `device` (engine.gpu_memory_gib)."""
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    total = torch.cuda.get_device_properties(index).total_memory
     if gib * 2**30 > total:
         raise ValueError(f"engine.gpu_memory_gib {gib} is more than the GPU has ({total / 2**30:.1f} GiB)")
-    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
     log.info("GPU memory of this replica capped at %.1f GiB of %.1f", gib, total / 2**30)
 
 
