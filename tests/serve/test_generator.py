@@ -209,3 +209,30 @@ def test_compute_deadline_counts_from_the_engine_start_not_the_queue(counted):
 
     out, _ = asyncio.run(queued_behind())
     assert [c.seed for c in out.candidates] == [3]
+
+
+class FakeCuda:
+    """torch.cuda's memory calls, for engine.gpu_memory_gib on a machine without a GPU."""
+
+    def __init__(self, total_gib: float):
+        self.total, self.fractions = int(total_gib * 2**30), []
+
+    def current_device(self):
+        return 0
+
+    def get_device_properties(self, index):
+        return type("Props", (), {"total_memory": self.total})()
+
+    def set_per_process_memory_fraction(self, fraction, index):
+        self.fractions.append((fraction, index))
+
+
+def test_gpu_memory_gib_caps_the_allocator_at_that_share_of_the_card():
+    import torch
+
+    fake = type("Torch", (), {"cuda": FakeCuda(80), "device": torch.device})()
+    generator_mod.cap_gpu_memory(fake, "cuda", 20)
+    generator_mod.cap_gpu_memory(fake, "cuda:1", 60)
+    assert fake.cuda.fractions == [(0.25, 0), (0.75, 1)]
+    with pytest.raises(ValueError, match="gpu_memory_gib 100 is more than the GPU has"):
+        generator_mod.cap_gpu_memory(fake, "cuda", 100)
