@@ -17,9 +17,10 @@ from hidream_serve.engine.params import (
     resolve_sampler,
 )  # fmt: skip
 from hidream_serve.engine.resolution import resolve_size
-from hidream_serve.engine.sizing import keep_aspect_size
+from hidream_serve.engine.sizing import fit_size, keep_aspect_size, ref_edge_for
 from hidream_serve.presets import findings_warnings
 from hidream_serve.scoring.pruning import PrunePlan
+from hidream_serve.vocabulary import PATCH_SIZE
 
 from .protocol import Limits
 
@@ -52,6 +53,7 @@ def precheck(params: GenerationParams, seeds: list[int], limits: Limits, prune: 
                                "with exact_size=true the size is used as given")  # fmt: skip
         if warn:
             warnings.append(warn)
+        check_reference_sizes(params, width, height)
     if params.mode == "layout":
         boxes = parse_layout_boxes(params.layout_boxes)
         _, colors = render_layout(boxes, width, height)  # rejects boxes that are empty at the output size
@@ -62,6 +64,26 @@ def precheck(params: GenerationParams, seeds: list[int], limits: Limits, prune: 
         warnings.append("prune has no effect with a single candidate: there is nothing to rank")
     return {"width": width, "height": height, "steps": sampler.steps, "recipe": sampler.recipe,
             "guidance": sampler.guidance, "warnings": warnings}  # fmt: skip
+
+
+def check_reference_sizes(params: GenerationParams, width: int, height: int) -> None:
+    """Each reference, and a layout's box picture (the output's size), must keep at least one patch each way at
+    the edge that the number of references gives it at this output size (engine/sizing.ref_edge_for)."""
+    with_boxes = params.mode == "layout" and bool(params.layout_boxes)
+    sizes = [r.size for r in params.refs] + ([(width, height)] if with_boxes and params.refs else [])
+    if not sizes:
+        return
+    edge = ref_edge_for(len(sizes), width, height)
+    for i, (w, h) in enumerate(sizes):
+        fw, fh = fit_size(w, h, edge)
+        if fw > 0 and fh > 0:
+            continue
+        what = f"{len(sizes)} references (the layout picture counts as one)" if with_boxes else f"{len(sizes)} references"
+        field = f"refs[{i}].image" if i < len(params.refs) else "width"
+        shape = f"a {w}x{h} image" if i < len(params.refs) else f"the {w}x{h} layout picture"
+        raise InvalidInput(field, f"{shape} would be resized to less than one {PATCH_SIZE}-pixel patch: with {what} "
+                           f"each gets an edge of {edge} px at the output size {width}x{height}; use a larger "
+                           "width/height, fewer references or a less elongated image")  # fmt: skip
 
 
 def layout_warnings(boxes: list[LayoutBox], colors: list, n_refs: int) -> list[str]:

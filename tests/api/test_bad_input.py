@@ -222,3 +222,31 @@ def test_prune_with_a_single_candidate():
     prune = {"at": 0.5, "keep": 0.5}
     assert any("prune has no effect" in w for w in warnings_for("t2i", {"n": 1, "prune": prune}))
     assert warnings_for("t2i", {"n": 4, "prune": prune}) == []
+
+
+# -- references too small for one patch at their edge: a 422 naming the field before anything runs ---------------
+
+
+def validation_error(mode: str, body: dict) -> InvalidInput:
+    body = {"prompt": "a fox", "steps": 2, "exact_size": True, **body}
+    with pytest.raises(InvalidInput) as e:
+        VALIDATE(GenerateRequest.model_validate(body), mode, Limits(), Defaults())
+    return e.value
+
+
+def test_a_layout_too_small_for_its_references_names_width():
+    # 64x64 with four refs and boxes: five references share the sequence (the picture of the boxes is one),
+    # each at an edge of 24 px, under one patch
+    e = validation_error("layout", {"width": 64, "height": 64, "refs": refs(4), "layout_boxes": [box(0), box(1)]})
+    assert e.field == "refs[0].image" and "less than one 32-pixel patch" in e.message, e.message
+    assert "5 references (the layout picture counts as one)" in e.message and "edge of 24 px" in e.message
+
+
+def test_an_elongated_reference_names_its_index():
+    thin = {"image": b64(noise_image(160, 10, seed=3))}  # 16:1, at an edge of 96 px: 384x24, no whole patch high
+    e = validation_error("ip", {"width": 128, "height": 128, "refs": [refs(1)[0], thin]})
+    assert e.field == "refs[1].image" and "a 160x10 image" in e.message, e.message
+
+
+def test_the_smallest_layout_that_fits_is_accepted():
+    assert warnings_for("layout", {"width": 64, "height": 64, "refs": refs(1), "layout_boxes": [box(0, 0.5)]}) == []
