@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import cuda_time  # noqa: E402
+from kernel_timings import cuda_time  # noqa: E402
 
 from hidream_serve.engine import network  # noqa: E402
 from hidream_serve.engine.fp8 import check_fp8_device, quantize_decoder  # noqa: E402

@@ -1,7 +1,7 @@
 """Kernel-level timings behind the step time: the decoder's GEMMs and the generated-token attention at the
 benchmark's shapes (2048x2048 -> 4097 generated tokens; skeleton6 -> 7363), for each attention variant.
 
-    python bench/kernels.py [--out bench/results/kernels-<gpu>.md]
+    python bench/kernel_timings.py [--out bench/results/kernels-<gpu>.md]
 """
 
 from __future__ import annotations

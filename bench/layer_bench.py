@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import cuda_time  # noqa: E402
+from kernel_timings import cuda_time  # noqa: E402
 from hidream_serve.engine.checkpoint import load_config_dict  # noqa: E402
 from hidream_serve.engine.network import DecoderLayer, LayerKV, fa3_supports  # noqa: E402
 from hidream_serve.engine.pipeline import (  # noqa: E402
