@@ -63,6 +63,8 @@ class PruningHook:
         # at the size the scorer reduces them to anyway (a 2048x2048 preview: 12 MB to encode and send, 0.8 MB)
         pngs = [encode_png(scoring_view(state.preview(i)), compress_level=1) for i in range(len(state.seeds))]
         self.pending = asyncio.run_coroutine_threadsafe(self.score(pngs), self.loop)
+        if self.cancel.is_set():  # cancelled before `pending` was set, so `abort` had nothing to cancel
+            self.pending.cancel()
         try:
             res = self.pending.result(timeout=self.timeout_s)
             if len(res.composite) != len(pngs):

@@ -170,8 +170,9 @@ def test_engine_options_are_pipeline_arguments():
     from hidream_serve.engine.pipeline import HiDreamPipeline
     from services.config import EngineOptions
 
-    # warm_up_size is the Generator's own (it calls pipeline.warm_up after loading)
-    accepted = set(inspect.signature(HiDreamPipeline.__init__).parameters) | {"warm_up_size"}
+    # the Generator's own: warm_up_size (it calls pipeline.warm_up after loading), gpu_memory_gib (it caps the
+    # allocator before loading)
+    accepted = set(inspect.signature(HiDreamPipeline.__init__).parameters) | {"warm_up_size", "gpu_memory_gib"}
     accepted |= set(inspect.signature(HiDreamPipeline.from_pretrained).parameters) - {"kwargs", "options"}
     assert set(EngineOptions.model_fields) <= accepted
     assert hasattr(HiDreamPipeline, "warm_up")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -236,3 +237,43 @@ def test_gpu_memory_gib_caps_the_allocator_at_that_share_of_the_card():
     assert fake.cuda.fractions == [(0.25, 0), (0.75, 1)]
     with pytest.raises(ValueError, match="gpu_memory_gib 100 is more than the GPU has"):
         generator_mod.cap_gpu_memory(fake, "cuda", 100)
+
+
+
+def test_a_cancel_before_the_preview_score_is_pending_still_wakes_the_engine(monkeypatch):
+    """`abort` may run while the engine thread is between scheduling the preview score and recording it as
+    pending: the thread must see the cancel itself rather than wait out the score timeout."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from services import pruning
+
+    started, cancel = threading.Event(), threading.Event()
+    submit = asyncio.run_coroutine_threadsafe
+
+    def submit_then_wait(coro, loop):  # the loop runs the score call, and the cancel, before `pending` is set
+        future = submit(coro, loop)
+        started.wait(5)
+        return future
+
+    monkeypatch.setattr(pruning.asyncio, "run_coroutine_threadsafe", submit_then_wait)
+
+    async def main():
+        async def slow_score(pngs):
+            cancel.set()
+            hook.abort()  # finds nothing pending yet
+            await asyncio.sleep(30)
+
+        hook = pruning.PruningHook(PRUNE, slow_score, asyncio.get_running_loop(), 30, cancel)
+        state = SimpleNamespace(num_steps=4, step=1, seeds=[1, 2], preview=lambda i: Image.new("RGB", (64, 64)))
+        t0 = time.perf_counter()
+        engine_thread = asyncio.ensure_future(asyncio.to_thread(hook, state))
+        while not cancel.is_set():
+            await asyncio.sleep(0.001)
+        started.set()
+        with pytest.raises(pruning.GenerationCancelled):
+            await engine_thread
+        return time.perf_counter() - t0
+
+    assert asyncio.run(main()) < 5
