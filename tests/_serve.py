@@ -5,6 +5,31 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
+
+TINY_MODELS = {"model": "embedded:tiny", "scorer_model": "embedded:tiny-clip",
+               "pickscore_model": "embedded:tiny-pickscore", "dino_model": "embedded:tiny-dino", "device": "cpu"}  # fmt: skip
+
+
+def tiny_app_args(router: dict, defaults: dict, generator: dict | None = None, scorer: dict | None = None, **more):
+    """`AppArgs` for the embedded tiny models on CPU, one torch thread per replica (CI has two cores); `more`
+    adds or overrides any other field (`limits`, `jobs`, a model)."""
+    from services.app import AppArgs
+
+    return AppArgs(**{**TINY_MODELS, "router": router, "defaults": defaults,
+                      "generator": {"max_batch": 4, "torch_threads": 1, **(generator or {})},
+                      "scorer": {"batch_size": 8, "torch_threads": 1, **(scorer or {})}, **more})  # fmt: skip
+
+
+def cpu_options(generator: dict, jobs: dict | None = None) -> dict:
+    """Serve deployment options on a small CPU machine: the router and the jobs replica hold no CPU slot, the
+    generator replicas and the scorer half a CPU each; `generator` adds replicas, autoscaling, queue bounds."""
+    return {
+        "Router": {"ray_actor_options": {"num_cpus": 0}},
+        "Generator": {**generator, "ray_actor_options": {"num_cpus": 0.5}},
+        "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
+        "Jobs": {"ray_actor_options": {"num_cpus": 0}, **(jobs or {})},
+    }
 
 
 def free_port() -> int:
@@ -46,3 +71,11 @@ def running_service(cache_dir: str, args, options: dict, timeout: float = 60, me
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+
+
+def wait_ready(client, timeout: float = 120) -> None:
+    """Until `/readyz` answers 200 (every deployment has loaded its models)."""
+    deadline = time.time() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.time() < deadline, "the service did not become ready"
+        time.sleep(0.5)

@@ -11,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 from tests._images import encode, noise_image
-from tests._serve import running_service
+from tests._serve import cpu_options, running_service, tiny_app_args
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
@@ -25,24 +25,14 @@ FAST = {"steps": 4}
 
 
 def service_args():
-    from services.app import AppArgs
-
-    return AppArgs(
-        model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
-        dino_model="embedded:tiny-dino", device="cpu", limits=LIMITS,
-        defaults={"width": 64, "height": 64, "exact_size": True, "steps": 2},
+    return tiny_app_args(
         router={"seeds_per_call": 2, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 1},
-        generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
+        defaults={"width": 64, "height": 64, "exact_size": True, "steps": 2}, limits=LIMITS,
         jobs={"preview_at": [0.25, 0.5, 0.75], "preview_size": 64},
     )  # fmt: skip
 
 
-OPTIONS = {
-    "Router": {"ray_actor_options": {"num_cpus": 0}},
-    "Generator": {"num_replicas": 1, "max_ongoing_requests": 2, "ray_actor_options": {"num_cpus": 0.5}},
-    "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
-    "Jobs": {"ray_actor_options": {"num_cpus": 0}},
-}
+OPTIONS = cpu_options({"num_replicas": 1, "max_ongoing_requests": 2})
 
 
 @pytest.fixture(scope="module")

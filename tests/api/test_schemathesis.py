@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from tests._serve import running_service
+from tests._serve import cpu_options, running_service, tiny_app_args, wait_ready
 
 schemathesis = pytest.importorskip("schemathesis")
 pytest.importorskip("ray")
@@ -22,23 +22,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 LIMITS = {"max_n": 2, "max_steps": 2, "max_pixels": 128 * 128, "max_refs": 2, "max_image_bytes": 20_000,
           "max_image_pixels": 256 * 256, "max_prompt_chars": 200}  # fmt: skip
 DEFAULTS = {"width": 64, "height": 64, "exact_size": True, "steps": 2}
-OPTIONS = {
-    "Router": {"ray_actor_options": {"num_cpus": 0}},
-    "Generator": {"num_replicas": 1, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.5}},
-    "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
-    "Jobs": {"ray_actor_options": {"num_cpus": 0}},
-}
+OPTIONS = cpu_options({"num_replicas": 1, "max_ongoing_requests": 1})
 EXAMPLES_PER_OPERATION = 25  # per operation and mode (valid, invalid): a few hundred cases in all
 
 
 def service_args():
-    from services.app import AppArgs
-
-    return AppArgs(
-        model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
-        dino_model="embedded:tiny-dino", device="cpu", limits=LIMITS, defaults=DEFAULTS,
-        router={"seeds_per_call": 2, "prune_group_size": 2, "generate_timeout_s": 60, "score_timeout_s": 30, "retry_after_s": 1},
-        generator={"max_batch": 2, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
+    return tiny_app_args(
+        router={"seeds_per_call": 2, "prune_group_size": 2, "generate_timeout_s": 60, "score_timeout_s": 30,
+                "retry_after_s": 1},
+        defaults=DEFAULTS, generator={"max_batch": 2}, limits=LIMITS,
     )  # fmt: skip
 
 
@@ -57,17 +49,6 @@ def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NO_PROXY", "127.0.0.1,localhost")
         yield mp
-
-
-def wait_ready(client, timeout=120):
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.5)
-    raise AssertionError("the service did not become ready")
 
 
 def servable_t2i(case) -> None:

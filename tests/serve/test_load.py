@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from tests._serve import running_service
+from tests._serve import cpu_options, running_service, tiny_app_args, wait_ready
 
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
@@ -22,34 +22,22 @@ CONCURRENT = 12
 N = 2  # candidates per request: one group of two seeds
 LIMITS = {"max_n": 4, "max_steps": 8, "max_pixels": 128 * 128, "max_refs": 2, "max_image_bytes": 100_000,
           "max_image_pixels": 1_000_000, "max_prompt_chars": 200}  # fmt: skip
-OPTIONS = {
-    "Router": {"ray_actor_options": {"num_cpus": 0}},
-    "Generator": {"num_replicas": 1, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.5}},
-    "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
-    "Jobs": {"ray_actor_options": {"num_cpus": 0}},
-}
+OPTIONS = cpu_options({"num_replicas": 1, "max_ongoing_requests": 1})
 
 
 def service_args():
-    from services.app import AppArgs
-
-    return AppArgs(
-        model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
-        dino_model="embedded:tiny-dino", device="cpu", limits=LIMITS,
-        defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4},
+    return tiny_app_args(
         router={"seeds_per_call": 2, "prune_group_size": 2, "generate_timeout_s": 60, "queue_timeout_s": 60,
                 "score_timeout_s": 60, "retry_after_s": 3},
-        generator={"max_batch": 2, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
+        defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4}, generator={"max_batch": 2},
+        limits=LIMITS,
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     with running_service(str(tmp_path_factory.mktemp("hidream-cache")), service_args(), OPTIONS, timeout=180) as c:
-        deadline = time.time() + 120
-        while c.get("/readyz").status_code != 200:
-            assert time.time() < deadline, "the service did not become ready"
-            time.sleep(0.5)
+        wait_ready(c)
         yield c
 
 

@@ -9,7 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from tests._serve import free_port, running_service
+from tests._serve import cpu_options, free_port, running_service, tiny_app_args
 
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
@@ -22,23 +22,13 @@ SMALL = {"width": 64, "height": 64, "exact_size": True, "steps": 4}
 
 
 def service_args():
-    from services.app import AppArgs
-
-    return AppArgs(
-        model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
-        dino_model="embedded:tiny-dino", device="cpu", defaults=SMALL,
+    return tiny_app_args(
         router={"seeds_per_call": 2, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 1},
-        generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
-        jobs={"preview_at": [0.5], "preview_size": 64, "webhook_secret": SECRET},
+        defaults=SMALL, jobs={"preview_at": [0.5], "preview_size": 64, "webhook_secret": SECRET},
     )  # fmt: skip
 
 
-OPTIONS = {
-    "Router": {"ray_actor_options": {"num_cpus": 0}},
-    "Generator": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
-    "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
-    "Jobs": {"ray_actor_options": {"num_cpus": 0}},
-}
+OPTIONS = cpu_options({"num_replicas": 1})
 
 
 class _Receiver(BaseHTTPRequestHandler):

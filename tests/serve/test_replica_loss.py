@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from tests._serve import running_service
+from tests._serve import cpu_options, running_service, tiny_app_args, wait_ready
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -23,21 +23,13 @@ def generator_actors():
 
 
 def test_killed_generator_replica_is_rerun_elsewhere(tmp_path):
-    from services.app import AppArgs
-
-    args = AppArgs(model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="none", dino_model="none",
-                   device="cpu", limits={"max_pixels": 512 * 512, "max_steps": 100},
-                   defaults={"width": 128, "height": 128, "exact_size": True, "steps": 2},
-                   router={"seeds_per_call": 2, "generate_timeout_s": 120, "retry_after_s": 1},
-                   generator={"max_batch": 4, "torch_threads": 1})  # fmt: skip
-    options = {"Router": {"ray_actor_options": {"num_cpus": 0}},
-               "Generator": {"num_replicas": 2, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.5}},
-               "Scorer": {"ray_actor_options": {"num_cpus": 0.5}}, "Jobs": {"ray_actor_options": {"num_cpus": 0}}}
+    args = tiny_app_args(router={"seeds_per_call": 2, "generate_timeout_s": 120, "retry_after_s": 1},
+                         defaults={"width": 128, "height": 128, "exact_size": True, "steps": 2},
+                         limits={"max_pixels": 512 * 512, "max_steps": 100}, pickscore_model="none",
+                         dino_model="none")  # fmt: skip
+    options = cpu_options({"num_replicas": 2, "max_ongoing_requests": 1})
     with running_service(str(tmp_path / "cache"), args, options, timeout=180) as client:
-        deadline = time.time() + 90
-        while client.get("/readyz").status_code != 200:
-            assert time.time() < deadline
-            time.sleep(0.5)
+        wait_ready(client, 90)
         reference = client.post("/v1/generate/t2i", json=BODY)
         assert reference.status_code == 200, reference.text
         started = time.perf_counter()

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 from tests._images import b64, noise_image, solid_image
-from tests._serve import running_service
+from tests._serve import cpu_options, running_service, tiny_app_args
 from PIL import Image
 
 ray = pytest.importorskip("ray")
@@ -30,22 +30,12 @@ LIMITS = {"max_n": 8, "max_steps": 20, "max_pixels": 512 * 512, "max_refs": 4, "
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from services.app import AppArgs
-
-    args = AppArgs(
-        model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
-        dino_model="embedded:tiny-dino", device="cpu", limits=LIMITS,
-        defaults={"width": 128, "height": 128, "exact_size": True, "steps": 2},
+    args = tiny_app_args(
         router={"seeds_per_call": 2, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 3,
                 "max_body_bytes": 2_000_000},
-        generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
+        defaults={"width": 128, "height": 128, "exact_size": True, "steps": 2}, limits=LIMITS,
     )  # fmt: skip
-    options = {
-        "Router": {"ray_actor_options": {"num_cpus": 0}},
-        "Generator": {"num_replicas": 2, "max_ongoing_requests": 1, "max_queued_requests": 4,
-                      "ray_actor_options": {"num_cpus": 0.5}},
-        "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
-    }  # fmt: skip
+    options = cpu_options({"num_replicas": 2, "max_ongoing_requests": 1, "max_queued_requests": 4})
     with running_service(str(tmp_path_factory.mktemp("hidream-cache")), args, options) as client:
         yield client
 

@@ -4,7 +4,7 @@ multi-GPU scaling measurement, which needs a multi-GPU machine)."""
 from __future__ import annotations
 
 import pytest
-from tests._serve import running_service
+from tests._serve import cpu_options, running_service, tiny_app_args
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -17,19 +17,10 @@ SMALL = {"width": 128, "height": 128, "exact_size": True, "steps": 4}
 
 @pytest.fixture(scope="module")
 def four_replicas(tmp_path_factory):
-    from services.app import AppArgs
-
-    args = AppArgs(
-        model="embedded:tiny", scorer_model="embedded:tiny-clip", device="cpu",
-        defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4},
-        router={"seeds_per_call": 2, "prune_group_size": 2}, generator={"max_batch": 2, "torch_threads": 1},
-        scorer={"torch_threads": 1},
-    )  # fmt: skip
-    options = {
-        "Router": {"ray_actor_options": {"num_cpus": 0}},
-        "Generator": {"num_replicas": 4, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.5}},
-        "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
-    }  # fmt: skip
+    args = tiny_app_args(router={"seeds_per_call": 2, "prune_group_size": 2},
+                         defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4},
+                         generator={"max_batch": 2})  # fmt: skip
+    options = cpu_options({"num_replicas": 4, "max_ongoing_requests": 1})
     with running_service(str(tmp_path_factory.mktemp("cache4")), args, options, timeout=120) as client:
         yield client
 

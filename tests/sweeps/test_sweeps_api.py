@@ -11,7 +11,7 @@ import json
 import pytest
 from PIL import Image
 from tests._images import b64, noise_image
-from tests._serve import running_service
+from tests._serve import running_service, tiny_app_args
 from tests.jobs.test_jobs_api import LIMITS, OPTIONS, events, wait_done
 
 pytest.importorskip("ray")
@@ -21,15 +21,10 @@ SMALL = {"width": 64, "height": 64, "exact_size": True, "steps": 2}
 
 
 def service_args():
-    from services.app import AppArgs
-
-    return AppArgs(
-        model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
-        dino_model="embedded:tiny-dino", device="cpu", limits=LIMITS, defaults=SMALL,
+    return tiny_app_args(
         router={"seeds_per_call": 1, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 1,
                 "sweep_max_images": 40},
-        generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
-        jobs={"preview_at": [0.5], "preview_size": 32, "sweep_tile_size": 64},
+        defaults=SMALL, limits=LIMITS, jobs={"preview_at": [0.5], "preview_size": 32, "sweep_tile_size": 64},
     )  # fmt: skip
 
 

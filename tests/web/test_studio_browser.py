@@ -13,11 +13,10 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-from tests._serve import running_service
+from tests._serve import cpu_options, running_service, tiny_app_args, wait_ready
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -37,24 +36,14 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 LIMITS = {"max_n": 8, "max_steps": 200, "max_pixels": 512 * 512, "max_refs": 4, "max_image_bytes": 400_000,
           "max_image_pixels": 1_000_000, "max_prompt_chars": 200}  # fmt: skip
-OPTIONS = {
-    "Router": {"ray_actor_options": {"num_cpus": 0}},
-    "Generator": {"num_replicas": 1, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.5}},
-    "Scorer": {"ray_actor_options": {"num_cpus": 0.5}},
-    "Jobs": {"ray_actor_options": {"num_cpus": 0}},
-}
+OPTIONS = cpu_options({"num_replicas": 1, "max_ongoing_requests": 1})
 PROMPT = "a red fox in the snow, soft morning light"
 
 
 def service_args():
-    from services.app import AppArgs
-
-    return AppArgs(
-        model="embedded:tiny", scorer_model="embedded:tiny-clip", pickscore_model="embedded:tiny-pickscore",
-        dino_model="embedded:tiny-dino", device="cpu", limits=LIMITS,
-        defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4},
+    return tiny_app_args(
         router={"seeds_per_call": 2, "generate_timeout_s": 120, "score_timeout_s": 60, "retry_after_s": 1},
-        generator={"max_batch": 4, "torch_threads": 1}, scorer={"batch_size": 8, "torch_threads": 1},
+        defaults={"width": 128, "height": 128, "exact_size": True, "steps": 4}, limits=LIMITS,
         jobs={"preview_at": [0.25, 0.5, 0.75], "preview_size": 128},
     )  # fmt: skip
 
@@ -62,10 +51,7 @@ def service_args():
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     with running_service(str(tmp_path_factory.mktemp("hidream-cache")), service_args(), OPTIONS) as client:
-        deadline = time.time() + 120
-        while client.get("/readyz").status_code != 200:
-            assert time.time() < deadline, "the service did not become ready"
-            time.sleep(0.5)
+        wait_ready(client)
         yield client
 
 
