@@ -123,7 +123,11 @@ class JobsConfig(_Config):
     retry_unavailable_s: float = Field(3600.0, ge=0, description="how long a job retries a seed group that meets "
                                        "back-pressure or a lost replica before giving it up")  # fmt: skip
     events_wait_s: float = Field(2.0, gt=0, le=60, description="longest wait of one event poll (SSE keep-alive)")
-    retention_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="finished jobs older than this are deleted")
+    progress_every_s: float = Field(2.0, gt=0, le=60, description="while a job runs, a progress event for each "
+                                    "unfinished candidate at least this often: its last step again when no step "
+                                    "ended since (a group waiting for a replica, a slow step, scoring)")  # fmt: skip
+    retention_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="jobs that finished longer ago than this "
+                                   "are deleted")  # fmt: skip
     retention_quota_bytes: int | None = Field(None, ge=0, description="result files above this are deleted, "
                                               "oldest finished job first")  # fmt: skip
     retention_interval_s: float = Field(600.0, gt=0, description="how often retention runs")

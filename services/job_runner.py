@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from hidream_serve.api.checks import precheck
 from hidream_serve.api.errors import BadRequest, ServiceError, Unavailable, classify
 from hidream_serve.api.jobs_protocol import CandidateProgress, JobCandidate, JobResult, JobWinner, image_url
 from hidream_serve.api.protocol import Defaults, GenerateRequest, Limits, Timings
@@ -65,6 +66,11 @@ class JobRunner:
         self._changed = asyncio.Condition()
         self._loop_task: asyncio.Task | None = None
         self.on_event: Callable[[str, str, dict], None] | None = None  # the Jobs deployment's webhooks
+        # per running job: each unfinished candidate's last progress, keyed (cell, seed), and when the job's
+        # last progress event was sent (the heartbeat repeats them when no step ends for progress_every_s)
+        self.unfinished: dict[str, dict[tuple, dict]] = {}
+        self._last_progress: dict[str, float] = {}
+        self._heartbeats: dict[str, asyncio.Task] = {}
 
     # 1. lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -91,11 +97,17 @@ class JobRunner:
             for job in queued[: max(0, self.config.max_running - len(self.tasks))]:
                 self.tasks[job.id] = asyncio.ensure_future(self._run(job.id))
                 self.tasks[job.id].add_done_callback(lambda _t, jid=job.id: self._finished(jid))
+                self._heartbeats[job.id] = asyncio.ensure_future(self._heartbeat(job.id))
             metrics.jobs_active(sum(j.id not in self.tasks for j in queued), len(self.tasks))
 
     def _finished(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
         self.live.pop(job_id, None)
+        beat = self._heartbeats.pop(job_id, None)
+        if beat is not None:
+            beat.cancel()
+        self.unfinished.pop(job_id, None)
+        self._last_progress.pop(job_id, None)
         self._wake.set()
 
     def submitted(self) -> None:
@@ -103,6 +115,13 @@ class JobRunner:
 
     # 2. events ----------------------------------------------------------------------------------------
     async def event(self, job_id: str, kind: str, data: dict) -> None:
+        if kind == "progress":
+            self._last_progress[job_id] = time.monotonic()
+            self.unfinished.setdefault(job_id, {})[(data.get("cell"), data["seed"])] = data
+        elif kind == "candidate":
+            self.unfinished.get(job_id, {}).pop((data.get("cell"), data["seed"]), None)
+        elif kind in ("succeeded", "failed", "cancelled"):
+            self.unfinished.pop(job_id, None)  # the heartbeat sends nothing after the final event
         self.store.append_event(job_id, kind, data)
         metrics.job_event(kind)
         async with self._changed:
@@ -112,6 +131,26 @@ class JobRunner:
                 self.on_event(job_id, kind, data)
             except Exception:  # noqa: BLE001 - a webhook problem never fails the job
                 log.exception("job %s: event hook failed on %s", job_id, kind)
+
+    def expect_progress(self, job_id: str, data: dict) -> None:
+        """A candidate the job will compute (`{seed, step: 0, steps}`, and `cell` in a sweep): the heartbeat
+        reports it before its first step."""
+        self.unfinished.setdefault(job_id, {})[(data.get("cell"), data["seed"])] = data
+
+    async def _heartbeat(self, job_id: str) -> None:
+        """Progress at least every `progress_every_s` while the job runs: each unfinished candidate's last
+        progress again when no step ended since, so a client sees the job is alive while a group waits for a
+        replica, a step is slow or the candidates are scored."""
+        every = self.config.progress_every_s
+        self._last_progress[job_id] = time.monotonic()
+        while True:
+            await asyncio.sleep(max(0.01, self._last_progress.get(job_id, 0.0) + every - time.monotonic()))
+            if time.monotonic() - self._last_progress.get(job_id, 0.0) < every:
+                continue
+            for key, data in list(self.unfinished.get(job_id, {}).items()):
+                if key in self.unfinished.get(job_id, {}):  # not finished (or the job ended) meanwhile
+                    await self.event(job_id, "progress", data)
+            self._last_progress[job_id] = time.monotonic()
 
     async def wait_for_events(self, job_id: str, after: int, timeout_s: float) -> list:
         """Events after `after`, waiting up to `timeout_s` for the first new one."""
@@ -153,16 +192,20 @@ class JobRunner:
         mode = body.pop("mode")
         body.pop("webhook", None)
         request = GenerateRequest.model_validate(body)
+        prune = request.prune_plan()
         try:
             params, seeds = await asyncio.to_thread(request.to_engine, mode, self.limits, self.defaults)
+            pre = precheck(params, seeds, self.limits, prune)
         except Exception as e:  # noqa: BLE001 - validated at submission; a changed limit can still refuse it
             await self._fail(job_id, classify(e))
             return
-        prune = request.prune_plan()
         live = self.live.setdefault(job_id, Live())
         live.candidates = {s: CandidateProgress(seed=s) for s in seeds}
         live.steps = params.steps or 0
-        live.warnings.extend(request.effective(mode).warnings)
+        # what the synchronous call warns of: refs a preset dropped, then every input that will have no effect
+        for w in request.effective(mode).warnings + pre["warnings"]:
+            if w not in live.warnings:
+                live.warnings.append(w)
         self.store.set_status(job_id, "running")
         metrics.queue_wait("job", time.time() - job.created_at)
         await self.event(job_id, "started", {"seeds": seeds})
@@ -173,6 +216,8 @@ class JobRunner:
             live.candidates[seed] = CandidateProgress(seed=seed, step=meta["steps_computed"],
                                                       pruned=meta["pruned_at_step"] is not None)  # fmt: skip
         todo = [g for g in groups if not all(s in stored for s in g)]
+        for s in (s for g in todo for s in g):
+            self.expect_progress(job_id, {"seed": s, "step": 0, "steps": live.steps})
         tasks = [asyncio.ensure_future(self._group(job_id, live, params, g, prune)) for g in todo]
         cancelled = False
         try:
@@ -191,7 +236,7 @@ class JobRunner:
             live.warnings.append(f"a seed group was not generated: {classify(e).message}")
         candidates = self._stored_candidates(job_id, seeds)
         if cancelled:
-            await self._finish_cancelled(job_id, candidates)
+            await self._finish_cancelled(job_id, candidates, live)
             return
         if not candidates:
             await self._fail(job_id, classify(failed[0]) if failed else Unavailable("no candidate was generated"))
@@ -304,8 +349,11 @@ class JobRunner:
         self.store.set_status(job_id, "failed", error=error)
         await self.event(job_id, "failed", {"error": error})
 
-    async def _finish_cancelled(self, job_id: str, candidates: list[Scored]) -> None:
+    async def _finish_cancelled(self, job_id: str, candidates: list[Scored], live: Live) -> None:
         done = [{"seed": c.seed, "url": image_url(job_id, c.seed), "steps_computed": c.steps_computed}
                 for c in candidates]  # fmt: skip
-        self.store.set_status(job_id, "cancelled", result={"candidates": done})
+        # the steps every candidate had done, finished or not, for the job's steps_done once it is no longer live
+        progress = [c.model_dump() for c in live.candidates.values()]
+        self.store.set_status(job_id, "cancelled", result={"candidates": done, "progress": progress,
+                                                                   "steps": live.steps})  # fmt: skip
         await self.event(job_id, "cancelled", {"candidates": done})

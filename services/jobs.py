@@ -180,11 +180,14 @@ class Jobs:
             steps, settings, warnings = live.steps, live.settings, list(live.warnings)
         else:
             stored = self.store.candidates(job.id)
-            candidates = [CandidateProgress(seed=s, step=stored[s]["steps_computed"] if s in stored else 0,
-                                            pruned=s in stored and stored[s]["pruned_at_step"] is not None)
-                          for s in seeds]  # fmt: skip
+            kept = {p["seed"]: CandidateProgress(**p) for p in (job.result or {}).get("progress", [])}  # cancelled
+            candidates = [
+                kept.get(s) or CandidateProgress(seed=s, step=stored[s]["steps_computed"] if s in stored else 0,
+                                                 pruned=s in stored and stored[s]["pruned_at_step"] is not None)
+                for s in seeds
+            ]  # fmt: skip
             settings = (job.result or {}).get("settings")
-            steps = int((settings or {}).get("steps") or request.get("steps") or 0)
+            steps = int((settings or {}).get("steps") or (job.result or {}).get("steps") or request.get("steps") or 0)
             warnings = list((job.result or {}).get("warnings") or [])
         result = job.result if job.status == "succeeded" else None
         if result is not None:

@@ -170,6 +170,11 @@ async def run(runner, job_id: str) -> None:
     for slot, meta in stored.items():
         if slot in live.candidates:
             live.candidates[slot].step = meta["steps_computed"]
+    for p in prepared:
+        steps = _cell_steps(p.cell, runner.defaults)
+        for s in p.seeds:
+            if p.cell.slot(s) not in stored:
+                runner.expect_progress(job_id, {"cell": p.cell.index, "seed": s, "step": 0, "steps": steps})
     work = []
     for p in prepared:
         for g in split_seeds(p.seeds, group_size(runner.router_config, bool(p.prune))):
@@ -342,7 +347,9 @@ async def _finish_cancelled(runner, job_id: str, prepared: list[Prepared]) -> No
         for c in (await asyncio.to_thread(_stored, runner.store, job_id, p))[0]:
             done.append({"cell": p.cell.index, "seed": c.seed, "url": cell_image_url(job_id, p.cell.index, c.seed),
                          "steps_computed": c.steps_computed})  # fmt: skip
-    runner.store.set_status(job_id, "cancelled", result={"candidates": done})
+    live = runner.live.get(job_id)
+    progress = [c.model_dump() for c in live.candidates.values()] if live is not None else []
+    runner.store.set_status(job_id, "cancelled", result={"candidates": done, "progress": progress})
     await runner.event(job_id, "cancelled", {"candidates": done})
 
 
@@ -362,6 +369,7 @@ def view(job, live, store, defaults: Defaults) -> JobView:
     """GET /v1/jobs/{id} of a sweep: per (cell, seed) progress; `result` the SweepResult once it succeeded."""
     cells = cells_of(job.request)
     stored = store.candidates(job.id)
+    kept = {(p["cell"], p["seed"]): CandidateProgress(**p) for p in (job.result or {}).get("progress", [])}
     candidates, total = [], 0
     for cell in cells:
         steps = _cell_steps(cell, defaults)
@@ -370,6 +378,8 @@ def view(job, live, store, defaults: Defaults) -> JobView:
             slot = cell.slot(s)
             if live is not None and slot in live.candidates:
                 candidates.append(live.candidates[slot])
+            elif (cell.index, s) in kept:  # a cancelled sweep: the steps each candidate had done
+                candidates.append(kept[(cell.index, s)])
             else:
                 meta = stored.get(slot)
                 candidates.append(CandidateProgress(seed=s, cell=cell.index, step=meta["steps_computed"] if meta else 0,

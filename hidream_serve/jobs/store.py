@@ -235,13 +235,15 @@ class JobStore:
         shutil.rmtree(self.results_dir / job_id, ignore_errors=True)
 
     def enforce_retention(self, ttl_s: float, quota_bytes: int | None) -> list[str]:
-        """Delete finished jobs older than ttl_s, then oldest finished first while results exceed quota_bytes."""
+        """Delete the jobs that finished more than ttl_s ago, then the earliest finished first while results exceed
+        quota_bytes. Queued and running jobs are never deleted."""
         now = self._clock()
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, created_at FROM jobs WHERE status NOT IN ('queued', 'running') ORDER BY seq"
+                "SELECT id, COALESCE(finished_at, created_at) AS ended FROM jobs"
+                " WHERE status NOT IN ('queued', 'running') ORDER BY ended, seq"
             ).fetchall()
-        deleted = [job_id for job_id, created in rows if now - created > ttl_s]
+        deleted = [job_id for job_id, ended in rows if now - ended > ttl_s]
         kept = [job_id for job_id, _ in rows if job_id not in set(deleted)]
         if quota_bytes is not None:
             sizes = {j: self._dir_bytes(j) for j in kept}

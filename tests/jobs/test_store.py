@@ -104,3 +104,13 @@ def test_retention_ttl_then_quota_oldest_first_keeps_active(store):
     store.set_status(newer.id, "succeeded", result={})
     assert store.enforce_retention(ttl_s=1e9, quota_bytes=150) == [fresh.id]
     assert store.get(newer.id) is not None
+
+
+def test_retention_counts_from_when_a_job_finished(store):
+    long_job = store.create({"i": "long"})[0]  # created long ago, finished just now
+    store.set_status(long_job.id, "running")
+    store.clock.t += 100
+    store.set_status(long_job.id, "succeeded", result={})
+    assert store.enforce_retention(ttl_s=50, quota_bytes=None) == []
+    store.clock.t += 51
+    assert store.enforce_retention(ttl_s=50, quota_bytes=None) == [long_job.id]

@@ -255,3 +255,18 @@ def test_defaults_outside_the_limits_are_a_config_error(args, key):
 def test_defaults_within_the_limits_are_fine():
     AppArgs.model_validate({"defaults": {"width": 128, "height": 128, "exact_size": True, "steps": 2, "n": 4},
                             "limits": {"max_n": 4, "max_steps": 2, "max_pixels": 128 * 128}})  # fmt: skip
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_timeouts_let_every_admitted_request_finish(path):
+    """An admitted request may wait `queue_timeout_s` for a replica, compute `generate_timeout_s` and be scored
+    within `score_timeout_s`: the proxy must not cut it first, and a stopping Router or Generator replica must
+    let a running one finish."""
+    data = yaml.safe_load(path.read_text())
+    app = data["applications"][0]
+    router = RouterConfig.model_validate(app["args"].get("router", {}))
+    deployments = {d["name"]: d for d in app["deployments"]}
+    request_timeout = data["http_options"]["request_timeout_s"]
+    assert router.queue_timeout_s + router.generate_timeout_s + router.score_timeout_s <= request_timeout
+    assert deployments["Router"]["graceful_shutdown_timeout_s"] >= router.generate_timeout_s + router.score_timeout_s
+    assert deployments["Generator"]["graceful_shutdown_timeout_s"] >= router.generate_timeout_s
