@@ -59,16 +59,21 @@ JOB_CASE = "bestof4_t2i"  # also run as a job (`--job`): progress events and pre
 WARM_STEPS = 4  # every scheduler path once (UniPC's corrector starts at step 3)
 OVERHEADS = {  # name -> what it is (the .md legend)
     "validate_decode": "router: body received, parsed, refs base64+image decoded, input checks (timings.validate)",
-    "queue_dispatch": "router call -> replica start: waiting for a free replica and the job's Ray transfer",
+    "job_submit": "router -> Jobs replica: storing the request as a job (Server-Timing submit)",
+    "job_start_finish": "Jobs replica: starting the job, decoding its refs again, storing the result, and the "
+                        "answer's trip (Server-Timing wait - job)",
+    "queue_dispatch": "Jobs call -> replica start: waiting for a free replica and the group's Ray transfer",
     "replica_thread": "replica: the call minus engine and PNGs (thread hop, engine lock, PNG text)",
     "preview_scoring": "pruning: encoding previews and waiting for their scores, inside the engine call",
     "png_encode": "replica: encoding the group's PNGs (in parallel)",
-    "ray_transfer_result": "replica return -> router holds the GroupResult (its PNGs through Ray)",
+    "ray_transfer_result": "replica return -> the Jobs replica holds the GroupResult (its PNGs through Ray) and "
+                           "has stored them as files",
     "scoring": "scorer: decoding the PNGs and the forwards (timings.score_compute)",
-    "ray_transfer_score": "router <-> scorer: the PNGs' trip and the answer (timings.score - score_compute)",
+    "ray_transfer_score": "Jobs <-> scorer: the PNGs' trip and the answer (timings.score - score_compute)",
+    "job_images": "router: reading the returned PNGs back from the job store through Jobs (Server-Timing images)",
     "response_encode": "router: base64 of the winner, the response model, JSON (Server-Timing encode)",
     "http_proxy": "client <-> Serve proxy <-> router: the bodies both ways (HTTP wall - Server-Timing router)",
-    "other": "the rest of the router's time (awaits, collecting, picking the winner)",
+    "other": "the rest: the job's own awaits (collecting, picking the winner, its events) and the router's",
 }
 
 
@@ -371,6 +376,8 @@ def breakdown(sent: dict) -> dict:
     busy = slowest["seconds"] - slowest["queued"]
     over = {
         "validate_decode": t["validate"],
+        "job_submit": st.get("submit", 0.0),
+        "job_start_finish": max(0.0, st.get("wait", 0.0) - st.get("job", 0.0)),
         "queue_dispatch": slowest["dispatch"] or 0.0,
         "replica_thread": max(0.0, busy - slowest["engine"] - slowest["png"]),
         "preview_scoring": slowest["preview_score"],
@@ -378,6 +385,7 @@ def breakdown(sent: dict) -> dict:
         "ray_transfer_result": slowest["returned"] or 0.0,
         "scoring": t["score_compute"],
         "ray_transfer_score": max(0.0, t["score"] - t["score_compute"]),
+        "job_images": st.get("images", 0.0),
         "response_encode": st.get("encode", 0.0),
         "http_proxy": max(0.0, wall - st["router"]) if "router" in st else 0.0,
     }

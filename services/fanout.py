@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from hidream_serve.api.errors import BadRequest, ServiceError, Unavailable, classify, replica_lost
+from hidream_serve.api.protocol import Debug, GroupInfo
 from hidream_serve.engine.params import GenerationParams
 from hidream_serve.scoring.pruning import rank_key
 
@@ -131,18 +132,21 @@ def _add(warnings: list[str], new) -> None:
 
 
 async def generate_groups(params: GenerationParams, groups: list[list[int]], generate: GenerateFn,
-                          config: RouterConfig, warnings: list[str]) -> list[GroupRun]:  # fmt: skip
+                          config: RouterConfig, warnings: list[str], bounded: bool = True) -> list[GroupRun]:  # fmt: skip
     """Every group at once, one call each. Bad input or back-pressure on any group fails the request (and
-    cancels the rest); any other failure drops that group's seeds with a warning, unless all failed."""
+    cancels the rest); any other failure drops that group's seeds with a warning, unless all failed.
+    `bounded`: a call past the longest queue wait plus the compute deadline fails (a job that retries
+    back-pressure on its own passes False)."""
 
     retries = [config.replica_retries]  # shared by the request's groups
+    bound = config.queue_timeout_s + config.generate_timeout_s if bounded else None
 
     async def one(group: list[int]) -> GroupRun:
         while True:
             sent_at, start = time.time(), time.perf_counter()
             try:
                 # the replica enforces the compute deadline; this bound adds the longest queue wait
-                result = await asyncio.wait_for(generate(params, group), config.queue_timeout_s + config.generate_timeout_s)
+                result = await asyncio.wait_for(generate(params, group), bound)
             except Exception as e:  # noqa: BLE001 - rerun on a lost replica, else the rules below
                 if not replica_lost(e) or retries[0] <= 0:
                     raise
@@ -227,10 +231,11 @@ async def score_candidates(prompt: str, candidates: list[Scored], score: ScoreFn
 
 
 async def best_of_n(params: GenerationParams, seeds: list[int], generate: GenerateFn, score: ScoreFn | None,
-                    config: RouterConfig, pruning: bool = False) -> Outcome:  # fmt: skip
+                    config: RouterConfig, pruning: bool = False, bounded: bool = True) -> Outcome:  # fmt: skip
     warnings: list[str] = []
     t0 = time.perf_counter()
-    runs = await generate_groups(params, split_seeds(seeds, group_size(config, pruning)), generate, config, warnings)
+    groups = split_seeds(seeds, group_size(config, pruning))
+    runs = await generate_groups(params, groups, generate, config, warnings, bounded)
     t_gen = time.perf_counter() - t0
     candidates = collect_candidates(runs, seeds, warnings)
     t1 = time.perf_counter()
@@ -240,3 +245,15 @@ async def best_of_n(params: GenerationParams, seeds: list[int], generate: Genera
     return Outcome(candidates=candidates, winner=pick_winner(candidates), scored=scored,
                    settings=runs[0].result.settings, warnings=warnings, groups=runs, scorer=scorer,
                    timings=timings)  # fmt: skip
+
+
+def debug_of(out: Outcome) -> Debug:
+    """Which replica made which seeds, each group's timings, the scorer replica: a response's `debug`."""
+    replicas: dict[str, list[int]] = {}
+    for g in out.groups:
+        replicas.setdefault(g.result.replica, []).extend(g.seeds)
+    groups = [GroupInfo(replica=g.result.replica, seeds=g.seeds, queued=g.queued_s, seconds=g.wall_s,
+                        engine=g.result.timings.engine_s, png=g.result.timings.png_s,
+                        preview_score=g.result.timings.preview_score_s, dispatch=g.dispatch_s,
+                        returned=g.return_s) for g in out.groups]  # fmt: skip
+    return Debug(replicas=replicas, groups=groups, scorer=out.scorer)

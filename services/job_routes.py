@@ -5,6 +5,7 @@ accepted, so a bad job is a 422 naming the field, never a failed job later."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 
 from fastapi import APIRouter, Header, Query, Request
@@ -13,7 +14,7 @@ from ray import serve
 
 from hidream_serve.api.errors import BadRequest, error_response
 from hidream_serve.api.jobs_protocol import TERMINAL, JobCreated, JobList, JobRequest, JobStatus, JobView
-from hidream_serve.api.protocol import ERROR_RESPONSES
+from hidream_serve.api.protocol import ERROR_RESPONSES, GenerateRequest
 from hidream_serve.engine.errors import InvalidInput
 
 api = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -23,14 +24,29 @@ def _router():
     return serve.get_replica_context().servable_object
 
 
-def _stored_request(body: JobRequest, seeds: list[int]) -> dict:
+_CANCELLING: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones to its tasks
+
+
+def cancel_soon(router, job_ids: list[str]) -> None:
+    """Cancel the jobs from a task of its own, outside the request's context: Serve cancels the calls a cancelled
+    request made (a client gone), which would include these, and interrupts any await in the request's task."""
+
+    async def cancel_all():
+        await asyncio.gather(*(router.jobs.cancel.remote(j) for j in job_ids), return_exceptions=True)
+
+    task = contextvars.Context().run(asyncio.get_running_loop().create_task, cancel_all())
+    _CANCELLING.add(task)
+    task.add_done_callback(_CANCELLING.discard)
+
+
+def stored_request(body: GenerateRequest, mode: str, seeds: list[int]) -> dict:
     """The request as the job runs it: the client's fields, with the seeds resolved (random ones included),
     so that a resumed job makes the same images."""
     stored = body.model_dump(mode="json", by_alias=True, exclude_unset=True)
     stored.pop("seed", None)
     stored.pop("n", None)
     stored["seeds"] = seeds
-    stored["mode"] = body.mode
+    stored["mode"] = mode
     return stored
 
 
@@ -46,7 +62,7 @@ async def create_job(body: JobRequest, request: Request,
         if body.prune_plan() and router.scorer is None:
             raise InvalidInput("prune", "pruning needs a scorer and this server has none configured")
         client_body = body.model_dump(mode="json", by_alias=True, exclude_unset=True)
-        view = await router.jobs.submit.remote(_stored_request(body, seeds), idempotency_key, client_body)
+        view = await router.jobs.submit.remote(stored_request(body, body.mode, seeds), idempotency_key, client_body)
     except Exception as e:  # noqa: BLE001 - the one mapping, in hidream_serve.api.errors
         return error_response(e, rid, router.config.retry_after_s)
     created = JobCreated(id=view["id"], status=view["status"], created_at=view["created_at"], urls=view["urls"])

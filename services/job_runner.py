@@ -1,15 +1,19 @@
-"""Runs the stored jobs: the best-of-N fan-out of `fanout.py`, with progress, previews, per-candidate
-results as files, cancel and resume. Plain asyncio over injected calls (no Ray): `generate_stream(GroupJob)`
-yields `StepProgress` / `PreviewImage` messages then the `GroupResult`; `score(prompt, pngs, context)`.
+"""Runs the stored jobs, the synchronous calls' included: `fanout.best_of_n` over streaming generator
+calls, with progress, previews, per-candidate results as files, cancel and resume. Plain asyncio over
+injected calls (no Ray): `generate_stream(GroupJob)` yields `StepProgress` / `PreviewImage` messages then
+the `GroupResult`; `score(prompt, pngs, context)`.
 
 Rules, beyond fanout's:
-- jobs start in submission order, at most `max_running` at once;
+- jobs start in submission order, at most `max_running` at once; a job that a synchronous call
+  (`POST /v1/generate/{mode}`) waits for starts at once, as the router admitted it against the
+  generator replicas' capacity;
 - a job's seed groups are fixed by its request (the same split whenever it runs), and a group's
   candidates are stored (PNG file + row) as soon as the group returns; on resume (a restarted Jobs
   replica or service) the stored groups are kept and only the others recomputed, so the seeds give
   identical images;
-- back-pressure or a lost replica is retried (an accepted job is never dropped for load); bad input
-  fails the job naming the field; any other group failure drops its seeds with a warning;
+- a job retries back-pressure or a lost replica for `jobs.retry_unavailable_s` (an accepted job is never
+  dropped for load); a synchronous call's job follows fanout's rules (a lost replica's group rerun within
+  `router.replica_retries`, back-pressure a 503); bad input fails the job naming the field;
 - cancelling stops the running groups at their next step; the job ends `cancelled` with the
   candidates that had finished.
 """
@@ -24,7 +28,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from hidream_serve.api.checks import precheck
-from hidream_serve.api.errors import BadRequest, ServiceError, Unavailable, classify
+from hidream_serve.api.errors import ServiceError, Unavailable, classify
+from hidream_serve.api.images import PixelBudget, RefBudget
 from hidream_serve.api.jobs_protocol import CandidateProgress, JobCandidate, JobResult, JobWinner, image_url
 from hidream_serve.api.protocol import Defaults, GenerateRequest, Limits, Timings
 from hidream_serve.jobs.store import JobStore
@@ -32,8 +37,17 @@ from hidream_serve.scoring.context import ScoreContext
 
 from . import metrics
 from .config import JobsConfig, RouterConfig
-from .fanout import Scored, group_size, pick_winner, score_candidates, split_seeds
-from .messages import GroupJob, GroupResult, PreviewImage, ProgressPlan, ScoreResult, StepProgress
+from .fanout import Outcome, Scored, best_of_n, debug_of
+from .messages import (
+    CandidateResult,
+    GroupJob,
+    GroupResult,
+    PreviewImage,
+    PreviewScore,
+    ProgressPlan,
+    ScoreResult,
+    StepProgress,
+)  # fmt: skip
 
 log = logging.getLogger("ray.serve.hidream.jobs")
 
@@ -71,6 +85,8 @@ class JobRunner:
         self.unfinished: dict[str, dict[tuple, dict]] = {}
         self._last_progress: dict[str, float] = {}
         self._heartbeats: dict[str, asyncio.Task] = {}
+        self._waited_for: set[str] = set()  # running jobs that a synchronous call waits for
+        self.decode_budget = PixelBudget(router_config.ref_decode_pixels, router_config.ref_decode_wait_s)
 
     # 1. lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -94,7 +110,12 @@ class JobRunner:
             await self._wake.wait()
             self._wake.clear()
             queued = [j for j in self.store.active() if j.status == "queued" and j.id not in self.tasks]
-            for job in queued[: max(0, self.config.max_running - len(self.tasks))]:
+            # a synchronous call starts at once: the router admitted it against the replicas' capacity
+            waited_for = [j for j in queued if j.request.get("sync")]
+            running_jobs = sum(1 for job_id in self.tasks if job_id not in self._waited_for)
+            others = [j for j in queued if not j.request.get("sync")]
+            self._waited_for.update(j.id for j in waited_for)
+            for job in waited_for + others[: max(0, self.config.max_running - running_jobs)]:
                 self.tasks[job.id] = asyncio.ensure_future(self._run(job.id))
                 self.tasks[job.id].add_done_callback(lambda _t, jid=job.id: self._finished(jid))
                 self._heartbeats[job.id] = asyncio.ensure_future(self._heartbeat(job.id))
@@ -102,6 +123,7 @@ class JobRunner:
 
     def _finished(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
+        self._waited_for.discard(job_id)
         self.live.pop(job_id, None)
         beat = self._heartbeats.pop(job_id, None)
         if beat is not None:
@@ -191,10 +213,12 @@ class JobRunner:
         body = dict(job.request)
         mode = body.pop("mode")
         body.pop("webhook", None)
+        waited_for = body.pop("sync", False)  # a synchronous call waits for it (POST /v1/generate/{mode})
         request = GenerateRequest.model_validate(body)
         prune = request.prune_plan()
         try:
-            params, seeds = await asyncio.to_thread(request.to_engine, mode, self.limits, self.defaults)
+            params, seeds = await asyncio.to_thread(request.to_engine, mode, self.limits, self.defaults,
+                                                    self.ref_budget())  # fmt: skip
             pre = precheck(params, seeds, self.limits, prune)
         except Exception as e:  # noqa: BLE001 - validated at submission; a changed limit can still refuse it
             await self._fail(job_id, classify(e))
@@ -210,63 +234,78 @@ class JobRunner:
         metrics.queue_wait("job", time.time() - job.created_at)
         await self.event(job_id, "started", {"seeds": seeds})
         t0 = time.perf_counter()
-        groups = split_seeds(seeds, group_size(self.router_config, bool(prune)))
         stored = self.store.candidates(job_id)
         for seed, meta in stored.items():
             live.candidates[seed] = CandidateProgress(seed=seed, step=meta["steps_computed"],
                                                       pruned=meta["pruned_at_step"] is not None)  # fmt: skip
-        todo = [g for g in groups if not all(s in stored for s in g)]
-        for s in (s for g in todo for s in g):
-            self.expect_progress(job_id, {"seed": s, "step": 0, "steps": live.steps})
-        tasks = [asyncio.ensure_future(self._group(job_id, live, params, g, prune)) for g in todo]
-        cancelled = False
-        try:
-            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        except asyncio.CancelledError:  # cancel(): gather has cancelled the groups; wait until they have stopped
-            cancelled = True
-            await asyncio.gather(*tasks, return_exceptions=True)
-            outcomes = []
-        bad = next((e for e in outcomes if isinstance(e, BadRequest)), None)
-        if bad is not None:  # every group has the same input
-            await self._fail(job_id, bad)
-            return
-        t_gen = time.perf_counter() - t0
-        failed = [e for e in outcomes if isinstance(e, BaseException)]
-        for e in failed:
-            live.warnings.append(f"a seed group was not generated: {classify(e).message}")
-        candidates = self._stored_candidates(job_id, seeds)
-        if cancelled:
-            await self._finish_cancelled(job_id, candidates, live)
-            return
-        if not candidates:
-            await self._fail(job_id, classify(failed[0]) if failed else Unavailable("no candidate was generated"))
-            return
-        t1 = time.perf_counter()
+        for s in seeds:
+            if s not in stored:
+                self.expect_progress(job_id, {"seed": s, "step": 0, "steps": live.steps})
+        groups: set[asyncio.Task] = set()  # the group calls running, to wait for when cancelled
+
+        async def generate(p, group: list[int]) -> GroupResult:
+            if all(s in stored for s in group):  # stored before a restart: the same seeds give the same images
+                return await asyncio.to_thread(self._stored_group, job_id, group, stored)
+            groups.add(asyncio.current_task())
+            try:
+                # a synchronous call fails fast on back-pressure (503) as the router admitted it; a job waits
+                return await self._group(job_id, live, p, group, prune, retry_for_s=0.0 if waited_for else None)
+            finally:
+                groups.discard(asyncio.current_task())
+
         context = ScoreContext.for_params(params)
         score = None
         if self.score is not None:
             async def score(prompt, pngs):
                 return await self.score(prompt, pngs, context)
-        warnings: list[str] = list(live.warnings)
-        scored, _, score_compute = await score_candidates(params.prompt, candidates, score, self.router_config,
-                                                          warnings)  # fmt: skip
-        winner = pick_winner(candidates)
-        result = self._result(job_id, mode, candidates, winner, scored, live, warnings, params,
-                              Timings(generate=t_gen, score=time.perf_counter() - t1, score_compute=score_compute,
-                                      total=time.perf_counter() - t0))  # fmt: skip
+        try:
+            out = await best_of_n(params, seeds, generate, score, self.router_config, pruning=bool(prune),
+                                  bounded=bool(waited_for))  # fmt: skip
+        except asyncio.CancelledError:  # cancel(): best_of_n has cancelled the groups; wait until they stopped
+            await asyncio.gather(*groups, return_exceptions=True)
+            await self._finish_cancelled(job_id, self._stored_candidates(job_id, seeds), live)
+            return
+        except Exception as e:  # noqa: BLE001 - bad input, back-pressure of a synchronous call, every group failed
+            await self._fail(job_id, classify(e, self.router_config.retry_after_s))
+            return
+        metrics.groups_waited(out.groups)
+        timings = Timings(total=time.perf_counter() - t0, **out.timings)
+        warnings = list(dict.fromkeys(live.warnings + out.warnings))
+        result = self._result(job_id, mode, out, warnings, int(out.settings.get("steps") or pre["steps"]), timings)
         result["settings"] = {**result["settings"], **request.settings_notes(mode)}
-        await self.event(job_id, "scored", {"scored": scored, "winner": winner.seed,
-                                            "candidates": [{"seed": c.seed, "score": c.score} for c in candidates]})  # fmt: skip
+        await self.event(job_id, "scored", {"scored": out.scored, "winner": out.winner.seed,
+                                            "candidates": [{"seed": c.seed, "score": c.score}
+                                                           for c in out.candidates]})  # fmt: skip
         self.store.set_status(job_id, "succeeded", result=result)
         await self.event(job_id, "succeeded", {"winner": result["winner"]})
 
-    async def _group(self, job_id: str, live: Live, params, seeds: list[int], prune, stream=None) -> GroupResult:
-        """One seed group with retries; `stream` handles the generator's messages (default: a generate job's)."""
+    def ref_budget(self) -> RefBudget:
+        """A job's reference-decoding budget, as the router's (hidream_serve/api/images.py)."""
+        rc = self.router_config
+        return RefBudget(rc.ref_pixels_per_request, self.decode_budget, rc.release_memory_pixels)
+
+    def _stored_group(self, job_id: str, seeds: list[int], stored: dict[int, dict]) -> GroupResult:
+        """A group stored by an earlier run of the job, as the generator returned it."""
+        metas = [stored[s] for s in seeds]
+        candidates = [
+            CandidateResult(seed=s, png=self.store.image_path(job_id, s).read_bytes(), steps_computed=m["steps_computed"],
+                            pruned_at_step=m["pruned_at_step"],
+                            preview=PreviewScore(m["score"], m["scores"]) if m["pruned_at_step"] is not None else None)
+            for s, m in zip(seeds, metas)
+        ]  # fmt: skip
+        return GroupResult(replica=metas[0]["replica"], candidates=candidates, settings=metas[0]["settings"],
+                           warnings=list(metas[0].get("warnings", [])))  # fmt: skip
+
+    async def _group(self, job_id: str, live: Live, params, seeds: list[int], prune, stream=None,
+                     retry_for_s: float | None = None) -> GroupResult:  # fmt: skip
+        """One seed group; back-pressure or a lost replica is retried for `retry_for_s` (default
+        `jobs.retry_unavailable_s`), then the error is raised as it came, so that the fan-out's rules can tell
+        a lost replica from back-pressure. `stream` handles the generator's messages (default: a generate job's)."""
         cfg = self.config
         plan = ProgressPlan(tuple(cfg.preview_at), cfg.preview_size, cfg.preview_format)
         rc = self.router_config
         job = GroupJob(params, seeds, prune, rc.score_timeout_s, plan, compute_timeout_s=rc.generate_timeout_s)
-        deadline = time.monotonic() + cfg.retry_unavailable_s
+        deadline = time.monotonic() + (cfg.retry_unavailable_s if retry_for_s is None else retry_for_s)
         while True:
             try:
                 bound = rc.queue_timeout_s + rc.generate_timeout_s  # the replica enforces the compute deadline
@@ -279,7 +318,7 @@ class JobRunner:
                     log.info("job %s seeds %s: %s; retrying", job_id, seeds, err.message)
                     await asyncio.sleep(max(0.2, getattr(err, "retry_after_s", 1.0) or 1.0))
                     continue
-                raise err from None
+                raise
 
     async def _stream_group(self, job_id: str, live: Live, job: GroupJob) -> GroupResult:
         result = None
@@ -327,20 +366,16 @@ class JobRunner:
                               pruned_at_step=meta["pruned_at_step"], score=meta["score"], scores=meta["scores"]))  # fmt: skip
         return out
 
-    def _result(self, job_id, mode, candidates, winner, scored, live, warnings, params, timings) -> dict:
-        stored = self.store.candidates(job_id)
-        settings = live.settings or next((m["settings"] for m in stored.values()), {})
-        for m in stored.values():
-            warnings.extend(w for w in m.get("warnings", []) if w not in warnings)
+    def _result(self, job_id: str, mode: str, out: Outcome, warnings: list[str], steps: int, timings: Timings) -> dict:
+        """The generate response's body, with image URLs."""
         cands = [JobCandidate(seed=c.seed, score=c.score, scores=c.scores, url=image_url(job_id, c.seed),
                               pruned=c.pruned_at_step is not None, pruned_at_step=c.pruned_at_step,
-                              steps_computed=c.steps_computed, replica=c.replica) for c in candidates]  # fmt: skip
-        steps = int(settings.get("steps") or params.steps or 0)
-        res = JobResult(id=job_id, mode=mode, scored=scored,
-                        winner=JobWinner(seed=winner.seed, score=winner.score, url=image_url(job_id, winner.seed)),
-                        candidates=cands, settings=settings, warnings=warnings,
-                        steps_computed=sum(c.steps_computed for c in candidates), steps_full=steps * len(candidates),
-                        timings=timings)  # fmt: skip
+                              steps_computed=c.steps_computed, replica=c.replica) for c in out.candidates]  # fmt: skip
+        winner = JobWinner(seed=out.winner.seed, score=out.winner.score, url=image_url(job_id, out.winner.seed))
+        res = JobResult(id=job_id, mode=mode, scored=out.scored, winner=winner, candidates=cands,
+                        settings=dict(out.settings), warnings=warnings,
+                        steps_computed=sum(c.steps_computed for c in out.candidates),
+                        steps_full=steps * len(out.candidates), timings=timings, debug=debug_of(out))  # fmt: skip
         return res.model_dump(mode="json", by_alias=True)
 
     async def _fail(self, job_id: str, err: ServiceError) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 
 from ray import serve
@@ -137,6 +138,21 @@ class Jobs:
         self._job(job_id)
         await self.runner.cancel(job_id)
         return await self.get(job_id)
+
+    async def wait(self, job_id: str, timeout_s: float) -> dict | None:
+        """The job once it has ended, waiting up to `timeout_s`; None if it is still queued or running."""
+        self._ensure_started()
+        deadline = time.monotonic() + timeout_s
+        after = 0
+        while True:
+            job = self._job(job_id)
+            if job.status in TERMINAL:
+                return self._view(job).model_dump(mode="json", by_alias=True)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            events = await self.runner.wait_for_events(job_id, after, min(left, self.config.events_wait_s))
+            after = events[-1].id if events else after
 
     async def events(self, job_id: str, after: int = 0) -> list[dict]:
         """Events after `after` (an event id), waiting up to `events_wait_s` for the first new one."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextvars
 import io
 import json
 import time
@@ -39,6 +38,7 @@ from hidream_serve.api.protocol import ERROR_RESPONSES, GenerateRequest
 from hidream_serve.engine.errors import InvalidInput
 
 from . import metrics
+from .job_routes import cancel_soon, stored_request
 
 api = APIRouter(tags=["openai"])
 
@@ -186,7 +186,7 @@ async def _answer(request: Request, body, mode: str, refs: list[dict], event_pre
         ends = await asyncio.gather(*(_follow(router, job_id) for job_id, _ in jobs))
         images = [await _winner(router, job_id, end, body) for (job_id, _), end in zip(jobs, ends)]
     except BaseException:
-        _cancel_soon(router, jobs)  # a failed image or a client gone: the other jobs stop too
+        cancel_soon(router, [j for j, _ in jobs])  # a failed image or a client gone: the other jobs stop too
         raise
     base = str(request.base_url).rstrip("/")
     data = []
@@ -206,7 +206,6 @@ async def _answer(request: Request, body, mode: str, refs: list[dict], event_pre
 
 async def _submit(router, bodies: list[dict]) -> list[tuple[str, list[int]]]:
     """Validate every job like `POST /v1/jobs`, then submit them all: [(job id, its seeds)]."""
-    from .job_routes import _stored_request
     from .router import validate
 
     checked = []
@@ -219,7 +218,7 @@ async def _submit(router, bodies: list[dict]) -> list[tuple[str, list[int]]]:
         checked.append((req, seeds))
     jobs = []
     for req, seeds in checked:
-        view = await router.jobs.submit.remote(_stored_request(req, seeds), None, None)
+        view = await router.jobs.submit.remote(stored_request(req, req.mode, seeds), None, None)
         jobs.append((view["id"], seeds))
     return jobs
 
@@ -250,21 +249,6 @@ async def _winner(router, job_id: str, end: dict, body) -> tuple[int, float | No
     png = await router.jobs.image.remote(job_id, winner["seed"])
     encoded, size = await asyncio.to_thread(_encode, png, body.output_format, body.output_compression)
     return winner["seed"], winner.get("score"), encoded, size
-
-
-_CANCELLING: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones to its tasks
-
-
-def _cancel_soon(router, jobs) -> None:
-    """Cancel the jobs from a task of its own, outside the request's context: Serve cancels the calls a cancelled
-    request made (a client gone), which would include these, and interrupts any await in the request's task."""
-
-    async def cancel_all():
-        await asyncio.gather(*(router.jobs.cancel.remote(j) for j, _ in jobs), return_exceptions=True)
-
-    task = contextvars.Context().run(asyncio.get_running_loop().create_task, cancel_all())
-    _CANCELLING.add(task)
-    task.add_done_callback(_CANCELLING.discard)
 
 
 async def _stream(router, body, jobs: list[tuple[str, list[int]]], prefix: str):
@@ -324,7 +308,7 @@ async def _stream(router, body, jobs: list[tuple[str, list[int]]], prefix: str):
         for t in tasks:
             t.cancel()
         if completed < len(tasks):  # an image failed, or the client went away (Serve cancels our event reads)
-            _cancel_soon(router, jobs)
+            cancel_soon(router, [j for j, _ in jobs])
 
 
 # usage counts: no token accounting here (the completed event's `usage` field is required by OpenAI's schema)

@@ -20,7 +20,18 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 
 from hidream_serve.api.checks import precheck
-from hidream_serve.api.errors import BadRequest, PayloadTooLarge, Unavailable, error_response, install_error_handlers
+from hidream_serve.api.errors import (
+    BadRequest,
+    Conflict,
+    DeadlineExceeded,
+    PayloadTooLarge,
+    Unavailable,
+    classify,
+    error_response,
+    from_body,
+    install_error_handlers,
+    replica_lost,
+)  # fmt: skip
 from hidream_serve.api.images import PixelBudget, RefBudget, b64, release_memory
 from hidream_serve.api.protocol import (
     CandidateOut,
@@ -29,7 +40,6 @@ from hidream_serve.api.protocol import (
     Defaults,
     GenerateRequest,
     GenerateResponse,
-    GroupInfo,
     Limits,
     Timings,
     Winner,
@@ -38,14 +48,14 @@ from hidream_serve.api.protocol import (
 from hidream_serve.api.request_id import REQUEST_ID_HEADER, RequestIds
 from hidream_serve.engine.errors import InvalidInput
 from hidream_serve.engine.params import DEV, FULL
-from hidream_serve.scoring.context import ScoreContext
 from hidream_serve.vocabulary import MODES, RECIPES, ROLES, SCHEDULERS, Mode
 
 from . import job_routes, metrics, openai_routes, studio_routes, sweep_routes
 from .config import RouterConfig
 from .admission import Admission
-from .fanout import best_of_n, cancel_with_caller, group_size
-from .messages import AppInfo, GroupJob, ScoreJob
+from .fanout import group_size
+from .job_routes import cancel_soon
+from .messages import AppInfo
 
 log = logging.getLogger("ray.serve.hidream.router")  # under Serve's logger: replica logs
 
@@ -162,6 +172,17 @@ def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Default
     return params, seeds, pre
 
 
+
+def _result_of(view: dict, retry_after_s: float) -> dict:
+    """A finished job's result; a failed or cancelled job raises the error its call answers with."""
+    if view["status"] == "succeeded":
+        return view["result"]
+    if view["status"] == "cancelled":
+        raise Conflict(f"job {view['id']} was cancelled (POST /v1/jobs/{view['id']}/cancel) before it finished",
+                       field="id")  # fmt: skip
+    raise from_body(view.get("error") or {}, retry_after_s)
+
+
 @serve.deployment(name="Router", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Router:
@@ -200,8 +221,11 @@ class Router:
     @app.post("/v1/generate/{mode}", response_model=GenerateResponse, response_model_exclude_none=False,
               responses=ERROR_RESPONSES)  # fmt: skip
     async def generate(self, mode: Mode, body: GenerateRequest, request: Request) -> JSONResponse:
+        """A job that the call waits for (services/jobs.py runs it, as every job): validated here, admitted
+        against the generator replicas' capacity, then answered with the images inline."""
         rid = request.state.request_id
         t0 = request.state.t0
+        job_id, ended = None, False
         try:
             # decoding the refs (base64 + PIL) and the checks are CPU work: off the event loop, in one go
             params, seeds, pre = await asyncio.to_thread(validate, body, mode, self.limits, self.defaults,
@@ -210,60 +234,86 @@ class Router:
             if prune and self.scorer is None:
                 raise InvalidInput("prune", "pruning needs a scorer and this server has none configured")
             t_valid = time.perf_counter() - t0
-
-            async def generate(p, group):
-                job = GroupJob(p, group, prune, self.config.score_timeout_s,
-                               compute_timeout_s=self.config.generate_timeout_s)  # fmt: skip
-                return await cancel_with_caller(self.generator.generate.remote(job))
-
-            context = ScoreContext.for_params(params)
-
-            async def score(prompt, pngs):
-                return await cancel_with_caller(self.scorer.score.remote(ScoreJob(prompt, pngs, context)))
-
+            del params  # the Jobs replica decodes the refs again from the stored request
             async with self.admission.admit(len(seeds), group_size(self.config, bool(prune)), self.config):
-                out = await best_of_n(params, seeds, generate, score if self.scorer is not None else None,
-                                      self.config, pruning=bool(prune))  # fmt: skip
+                stored = {**job_routes.stored_request(body, mode, seeds), "sync": True}
+                t_submit = time.perf_counter()
+                job_id = (await self.jobs.submit.remote(stored))["id"]
+                t_wait = time.perf_counter()
+                view = await self._wait_for(job_id)
+            ended = True
+            result = _result_of(view, self.config.retry_after_s)
+            full = body.return_ == "all"
+            seeds_out = [c["seed"] for c in result["candidates"]] if full else [result["winner"]["seed"]]
+            t_images = time.perf_counter()
+            pngs = dict(zip(seeds_out, await asyncio.gather(*(self.jobs.image.remote(job_id, s) for s in seeds_out))))
+            # the job's trips, for Server-Timing: storing the request, waiting for the job, reading its images
+            spans = {"submit": t_wait - t_submit, "wait": t_images - t_wait, "images": time.perf_counter() - t_images,
+                     "job": result["timings"]["total"]}  # fmt: skip
+        except asyncio.CancelledError:  # the client went away: its job stops too
+            if job_id is not None and not ended:
+                cancel_soon(self, [job_id])
+            raise
         except Exception as e:  # noqa: BLE001 - the one mapping, in hidream_serve.api.errors
+            if job_id is not None and not ended:
+                cancel_soon(self, [job_id])
             failed = error_response(e, rid, self.config.retry_after_s)
             metrics.request("generate", mode, failed.status_code)
             return failed
 
-        metrics.groups_waited(out.groups)
         t_encode = time.perf_counter()
-        warnings = list(dict.fromkeys(pre["warnings"] + out.warnings))
-        full = body.return_ == "all"
         candidates = [
-            CandidateOut(seed=c.seed, score=c.score, scores=c.scores, image=b64(c.png) if full and c.png else None,
-                         pruned=c.pruned_at_step is not None, pruned_at_step=c.pruned_at_step,
-                         steps_computed=c.steps_computed, replica=c.replica)  # fmt: skip
-            for c in out.candidates
+            CandidateOut(seed=c["seed"], score=c["score"], scores=c["scores"],
+                         image=b64(pngs[c["seed"]]) if c["seed"] in pngs and full else None, pruned=c["pruned"],
+                         pruned_at_step=c["pruned_at_step"], steps_computed=c["steps_computed"],
+                         replica=c["replica"])  # fmt: skip
+            for c in result["candidates"]
         ]
-        replicas: dict[str, list[int]] = {}
-        for g in out.groups:
-            replicas.setdefault(g.result.replica, []).extend(g.seeds)
-        groups = [GroupInfo(replica=g.result.replica, seeds=g.seeds, queued=g.queued_s, seconds=g.wall_s,
-                            engine=g.result.timings.engine_s, png=g.result.timings.png_s,
-                            preview_score=g.result.timings.preview_score_s, dispatch=g.dispatch_s,
-                            returned=g.return_s) for g in out.groups]  # fmt: skip
-        steps = int(out.settings.get("steps") or pre["steps"])
+        winner = result["winner"]
+        job_timings = Timings.model_validate(result["timings"])
         resp = GenerateResponse(
-            id=rid, mode=mode, scored=out.scored,
-            winner=Winner(seed=out.winner.seed, score=out.winner.score, image=b64(out.winner.png)),
-            candidates=candidates, settings={**out.settings, **body.settings_notes(mode)}, warnings=warnings,
-            steps_computed=sum(c.steps_computed for c in out.candidates), steps_full=steps * len(out.candidates),
-            timings=Timings(validate=t_valid, total=time.perf_counter() - t0, **out.timings),
-            debug=Debug(replicas=replicas, groups=groups, scorer=out.scorer),
+            id=rid, job_id=job_id, mode=mode, scored=result["scored"],
+            winner=Winner(seed=winner["seed"], score=winner["score"], image=b64(pngs[winner["seed"]])),
+            candidates=candidates, settings=result["settings"],
+            warnings=list(dict.fromkeys(pre["warnings"] + result["warnings"])),
+            steps_computed=result["steps_computed"], steps_full=result["steps_full"],
+            timings=Timings(validate=t_valid, queued=job_timings.queued, generate=job_timings.generate,
+                            score=job_timings.score, score_compute=job_timings.score_compute,
+                            total=time.perf_counter() - t0),
+            debug=Debug.model_validate(result["debug"] or {}),
         )  # fmt: skip
-        log.info("request %s %s n=%d winner=%d total=%.2fs", rid, mode, len(seeds), out.winner.seed, resp.timings.total)
+        log.info("request %s %s n=%d job=%s winner=%d total=%.2fs", rid, mode, len(seeds), job_id, winner["seed"],
+                 resp.timings.total)  # fmt: skip
         response = JSONResponse(resp.model_dump(mode="json", by_alias=True))
-        # what the body cannot carry about itself: building and serialising it (base64 included), and the whole
-        # time in the router up to here (ms, https://www.w3.org/TR/server-timing/)
+        # what the body cannot carry about itself: the job's trips, building and serialising the body (base64
+        # included), and the whole time in the router up to here (ms, https://www.w3.org/TR/server-timing/)
         now = time.perf_counter()
-        timing = f"encode;dur={(now - t_encode) * 1e3:.2f}, router;dur={(now - t0) * 1e3:.2f}"
+        spans |= {"encode": now - t_encode, "router": now - t0}
+        timing = ", ".join(f"{name};dur={seconds * 1e3:.2f}" for name, seconds in spans.items())
         response.headers["Server-Timing"] = timing
         metrics.request("generate", mode, response.status_code)
         return response
+
+    async def _wait_for(self, job_id: str) -> dict:
+        """The job's view once it has ended. The job bounds its own groups (queue and compute deadlines) and its
+        scoring; past those and a minute more the call gives up (504). A Jobs replica that is lost meanwhile is
+        replaced, resumes the job from the store, and is asked again."""
+        c = self.config
+        deadline = time.monotonic() + c.queue_timeout_s + c.generate_timeout_s + c.score_timeout_s + 60
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("the request took too long")
+            try:
+                view = await self.jobs.wait.remote(job_id, min(left, 60.0))
+            except Exception as e:  # noqa: BLE001 - only a lost Jobs replica is retried
+                if not replica_lost(e) and not isinstance(classify(e), Unavailable):
+                    raise
+                log.warning("job %s: the Jobs replica is not available (%s); asking again", job_id, type(e).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            if view is not None:
+                return view
 
     # -- metadata and probes ------------------------------------------------------------------------------
     @app.get("/v1/models")

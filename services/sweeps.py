@@ -266,10 +266,10 @@ def _stored(store, job_id: str, p: Prepared) -> tuple[list[Scored], list[dict]]:
 async def _finish_cell(runner, job_id: str, p: Prepared, tasks: list[asyncio.Task]) -> CellOutcome:
     """Wait for the cell's groups, then score its candidates together and report the cell."""
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-    bad = next((e for e in outcomes if isinstance(e, BadRequest)), None)
+    failed = [classify(e) for e in outcomes if isinstance(e, BaseException)]
+    bad = next((e for e in failed if isinstance(e, BadRequest)), None)
     if bad is not None:
         raise bad
-    failed = [classify(e) for e in outcomes if isinstance(e, BaseException)]
     warnings = [f"a seed group was not generated: {e.message}" for e in failed]
     candidates, metas = await asyncio.to_thread(_stored, runner.store, job_id, p)
     if not candidates:

@@ -173,6 +173,16 @@ def classify(exc: BaseException, retry_after_s: float = DEFAULT_RETRY_AFTER_S) -
     return Internal("internal error")
 
 
+def from_body(error: dict, retry_after_s: float = DEFAULT_RETRY_AFTER_S) -> ServiceError:
+    """A stored error body `{type, message, field?}` (a failed job's) -> the ServiceError it was made from, so
+    that a call waiting for the job answers with the status the error would have had in that call."""
+    kinds = {cls.type: cls for cls in (BadRequest, PayloadTooLarge, NotFound, Conflict, DeadlineExceeded)}
+    message, field = error.get("message") or "the job failed", error.get("field")
+    if error.get("type") == Unavailable.type:
+        return Unavailable(message, field=field, retry_after_s=retry_after_s)
+    return kinds.get(error.get("type"), Internal)(message, field=field)
+
+
 def format_loc(loc: Sequence[Any]) -> str:
     """("body", "refs", 0, "image") -> "refs[0].image"; ("path", "mode") -> "mode"."""
     parts = list(loc)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hidream_serve.vocabulary import Mode
 
-from .protocol import GenerateRequest, ScoreDetail, Timings
+from .protocol import Debug, GenerateRequest, ScoreDetail, Timings
 from .sweeps_protocol import SweepResult
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -94,6 +94,7 @@ class JobResult(BaseModel):
     steps_computed: int
     steps_full: int
     timings: Timings
+    debug: Debug | None = Field(None, description="which generator replica made which seeds, each group's timings")
 
 
 class JobView(BaseModel):

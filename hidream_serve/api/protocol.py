@@ -352,6 +352,8 @@ class Debug(BaseModel):
 
 class GenerateResponse(BaseModel):
     id: str
+    job_id: str | None = Field(None, description="the job this call ran as: GET /v1/jobs/{job_id} (its events, "
+                               "images by URL) and POST /v1/jobs/{job_id}/cancel")  # fmt: skip
     mode: Mode
     scored: bool
     winner: Winner

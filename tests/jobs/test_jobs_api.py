@@ -130,8 +130,12 @@ def test_best_of_4_job_streams_events_and_serves_images(service):
     assert [k for _, k, _ in events(service, job["id"])] == kinds
     assert [i for i, _, _ in events(service, job["id"], last_event_id=ids[3])] == ids[4:]
 
-    listed = service.get("/v1/jobs", params={"status": "succeeded", "limit": 1}).json()
-    assert [j["id"] for j in listed["data"]] == [job["id"]] and listed["next_cursor"] is None
+    # the synchronous call was a job too: listed, newest first, with its images by URL
+    listed = service.get("/v1/jobs", params={"status": "succeeded", "limit": 2}).json()
+    assert [j["id"] for j in listed["data"]] == [sync["job_id"], job["id"]] and listed["next_cursor"] is None
+    sync_job = service.get(f"/v1/jobs/{sync['job_id']}").json()
+    assert sync_job["result"]["winner"]["seed"] == sync["winner"]["seed"]
+    assert service.get(sync_job["result"]["winner"]["url"]).content == base64.b64decode(sync["winner"]["image"])
 
 
 def test_cancel_stops_the_gpu_work_within_a_step(service):

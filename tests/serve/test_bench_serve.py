@@ -71,8 +71,9 @@ def test_the_wall_time_is_split_into_engine_and_measured_overheads(report):
         assert set(over) == set(OVERHEADS), name
         assert 0 < case["engine_wall_s"] < case["http_wall_s"], name
         assert all(v >= 0 for k, v in over.items() if k != "other"), (name, over)
-        for k in ("validate_decode", "queue_dispatch", "png_encode", "ray_transfer_result", "scoring",
-                  "ray_transfer_score", "response_encode", "http_proxy"):  # fmt: skip
+        for k in ("validate_decode", "job_submit", "job_start_finish", "queue_dispatch", "png_encode",
+                  "ray_transfer_result", "scoring", "ray_transfer_score", "job_images", "response_encode",
+                  "http_proxy"):  # fmt: skip
             assert over[k] > 0, (name, k, over)
         # what is not named is a small rest: the named parts account for the wall time
         assert abs(over["other"]) < 0.25 * case["http_wall_s"], (name, over)

@@ -61,7 +61,12 @@ def test_sigterm_drains_the_in_flight_request_and_exits_cleanly(tmp_path):
 
             thread = threading.Thread(target=in_flight)
             thread.start()
-            time.sleep(2.0)  # the request is on a generator now
+            while True:  # until the request is admitted and on a generator (its job has taken a step)
+                running = client.get("/v1/jobs", params={"status": "running"}).json()["data"]
+                if running and running[0]["steps_done"] > 0:
+                    break
+                assert thread.is_alive() and time.time() < deadline + 60, "the request never ran"
+                time.sleep(0.2)
             assert thread.is_alive(), "the request finished before the signal: make it longer"
             proc.send_signal(signal.SIGTERM)
             thread.join(timeout=170)
