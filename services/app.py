@@ -150,7 +150,7 @@ def assemble(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) ->
     jobs = Jobs.options(user_config=args.jobs.model_dump(), **options.get("Jobs", {}))
     jobs = jobs.bind(generator, scorer, info, args.job_store, args.router)
     router = Router.options(user_config=args.router.model_dump(), **options.get("Router", {}))
-    return router.bind(generator, scorer, info, jobs)
+    return router.bind(scorer, info, jobs)
 
 
 def build_app(args: AppArgs) -> Application:

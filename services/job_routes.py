@@ -17,6 +17,8 @@ from hidream_serve.api.jobs_protocol import TERMINAL, JobCreated, JobList, JobRe
 from hidream_serve.api.protocol import ERROR_RESPONSES, GenerateRequest
 from hidream_serve.engine.errors import InvalidInput
 
+from .config import RouterConfig
+
 api = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
@@ -39,14 +41,16 @@ def cancel_soon(router, job_ids: list[str]) -> None:
     task.add_done_callback(_CANCELLING.discard)
 
 
-def stored_request(body: GenerateRequest, mode: str, seeds: list[int]) -> dict:
-    """The request as the job runs it: the client's fields, with the seeds resolved (random ones included),
-    so that a resumed job makes the same images."""
+def stored_request(body: GenerateRequest, mode: str, seeds: list[int], router_config: RouterConfig) -> dict:
+    """The request as the job runs it: the client's fields, with the seeds resolved (random ones included), and
+    the router's live fan-out settings (seed groups, deadlines, retries), so that a resumed job makes the same
+    images and a `reconfigure` of the router reaches the jobs submitted after it."""
     stored = body.model_dump(mode="json", by_alias=True, exclude_unset=True)
     stored.pop("seed", None)
     stored.pop("n", None)
     stored["seeds"] = seeds
     stored["mode"] = mode
+    stored["router"] = router_config.model_dump(mode="json")
     return stored
 
 
@@ -62,7 +66,7 @@ async def create_job(body: JobRequest, request: Request,
         if body.prune_plan() and router.scorer is None:
             raise InvalidInput("prune", "pruning needs a scorer and this server has none configured")
         client_body = body.model_dump(mode="json", by_alias=True, exclude_unset=True)
-        view = await router.jobs.submit.remote(stored_request(body, body.mode, seeds), idempotency_key, client_body)
+        view = await router.jobs.submit.remote(stored_request(body, body.mode, seeds, router.config), idempotency_key, client_body)
     except Exception as e:  # noqa: BLE001 - the one mapping, in hidream_serve.api.errors
         return error_response(e, rid, router.config.retry_after_s)
     created = JobCreated(id=view["id"], status=view["status"], created_at=view["created_at"], urls=view["urls"])

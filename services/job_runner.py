@@ -214,6 +214,8 @@ class JobRunner:
         mode = body.pop("mode")
         body.pop("webhook", None)
         waited_for = body.pop("sync", False)  # a synchronous call waits for it (POST /v1/generate/{mode})
+        # the router's fan-out settings when the job was submitted (its groups are the same on every run)
+        rc = RouterConfig.model_validate(body.pop("router")) if "router" in body else self.router_config
         request = GenerateRequest.model_validate(body)
         prune = request.prune_plan()
         try:
@@ -249,7 +251,8 @@ class JobRunner:
             groups.add(asyncio.current_task())
             try:
                 # a synchronous call fails fast on back-pressure (503) as the router admitted it; a job waits
-                return await self._group(job_id, live, p, group, prune, retry_for_s=0.0 if waited_for else None)
+                return await self._group(job_id, live, p, group, prune, retry_for_s=0.0 if waited_for else None,
+                                         router_config=rc)  # fmt: skip
             finally:
                 groups.discard(asyncio.current_task())
 
@@ -259,14 +262,14 @@ class JobRunner:
             async def score(prompt, pngs):
                 return await self.score(prompt, pngs, context)
         try:
-            out = await best_of_n(params, seeds, generate, score, self.router_config, pruning=bool(prune),
+            out = await best_of_n(params, seeds, generate, score, rc, pruning=bool(prune),
                                   bounded=bool(waited_for))  # fmt: skip
         except asyncio.CancelledError:  # cancel(): best_of_n has cancelled the groups; wait until they stopped
             await asyncio.gather(*groups, return_exceptions=True)
             await self._finish_cancelled(job_id, self._stored_candidates(job_id, seeds), live)
             return
         except Exception as e:  # noqa: BLE001 - bad input, back-pressure of a synchronous call, every group failed
-            await self._fail(job_id, classify(e, self.router_config.retry_after_s))
+            await self._fail(job_id, classify(e, rc.retry_after_s))
             return
         metrics.groups_waited(out.groups)
         timings = Timings(total=time.perf_counter() - t0, **out.timings)
@@ -297,13 +300,13 @@ class JobRunner:
                            warnings=list(metas[0].get("warnings", [])))  # fmt: skip
 
     async def _group(self, job_id: str, live: Live, params, seeds: list[int], prune, stream=None,
-                     retry_for_s: float | None = None) -> GroupResult:  # fmt: skip
+                     retry_for_s: float | None = None, router_config: RouterConfig | None = None) -> GroupResult:  # fmt: skip
         """One seed group; back-pressure or a lost replica is retried for `retry_for_s` (default
         `jobs.retry_unavailable_s`), then the error is raised as it came, so that the fan-out's rules can tell
         a lost replica from back-pressure. `stream` handles the generator's messages (default: a generate job's)."""
         cfg = self.config
         plan = ProgressPlan(tuple(cfg.preview_at), cfg.preview_size, cfg.preview_format)
-        rc = self.router_config
+        rc = router_config or self.router_config
         job = GroupJob(params, seeds, prune, rc.score_timeout_s, plan, compute_timeout_s=rc.generate_timeout_s)
         deadline = time.monotonic() + (cfg.retry_unavailable_s if retry_for_s is None else retry_for_s)
         while True:
@@ -313,7 +316,7 @@ class JobRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - classified below
-                err = classify(e, self.router_config.retry_after_s)
+                err = classify(e, rc.retry_after_s)
                 if isinstance(err, Unavailable) and time.monotonic() < deadline:
                     log.info("job %s seeds %s: %s; retrying", job_id, seeds, err.message)
                     await asyncio.sleep(max(0.2, getattr(err, "retry_after_s", 1.0) or 1.0))

@@ -218,7 +218,7 @@ async def _submit(router, bodies: list[dict]) -> list[tuple[str, list[int]]]:
         checked.append((req, seeds))
     jobs = []
     for req, seeds in checked:
-        view = await router.jobs.submit.remote(stored_request(req, req.mode, seeds), None, None)
+        view = await router.jobs.submit.remote(stored_request(req, req.mode, seeds, router.config), None, None)
         jobs.append((view["id"], seeds))
     return jobs
 

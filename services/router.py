@@ -1,9 +1,10 @@
-"""HTTP ingress: validates a request completely, fans best-of-N out to generator replicas, scores, answers.
+"""HTTP ingress: validates a request completely, admits it, runs it as a job (the Jobs deployment fans best-of-N
+out to the generator replicas and scores the candidates), answers.
 
 Routes: `POST /v1/generate/{mode}`, `GET /v1/models`, `GET /healthz` (alive), `GET /readyz` (503 until
-a generator and the scorer replica are running). Validation (schema, image decoding, every engine
-input rule, operator limits) happens here, before any generator is asked, so a bad request never
-occupies a GPU. Errors become responses in one place: `hidream_serve.api.errors`.
+a generator and the scorer replica are running), and the jobs, sweeps, OpenAI and studio routes. Validation
+(schema, image decoding, every engine input rule, operator limits) happens here, before any generator is asked,
+so a bad request never occupies a GPU. Errors become responses in one place: `hidream_serve.api.errors`.
 """
 
 
@@ -186,11 +187,9 @@ def _result_of(view: dict, retry_after_s: float) -> dict:
 @serve.deployment(name="Router", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Router:
-    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, info: AppInfo,
-                 jobs: DeploymentHandle | None = None):  # fmt: skip
-        self.generator = generator
-        self.scorer = scorer
-        self.jobs = jobs  # the Jobs deployment: /v1/jobs (services/job_routes.py)
+    def __init__(self, scorer: DeploymentHandle | None, info: AppInfo, jobs: DeploymentHandle):
+        self.scorer = scorer  # set when a scorer is configured (pruning needs one); the jobs call it
+        self.jobs = jobs  # the Jobs deployment: runs every image request, and owns the store
         self.limits, self.defaults = info.limits, info.defaults
         self.info = info
         self.config = RouterConfig()
@@ -236,7 +235,7 @@ class Router:
             t_valid = time.perf_counter() - t0
             del params  # the Jobs replica decodes the refs again from the stored request
             async with self.admission.admit(len(seeds), group_size(self.config, bool(prune)), self.config):
-                stored = {**job_routes.stored_request(body, mode, seeds), "sync": True}
+                stored = {**job_routes.stored_request(body, mode, seeds, self.config), "sync": True}
                 t_submit = time.perf_counter()
                 job_id = (await self.jobs.submit.remote(stored))["id"]
                 t_wait = time.perf_counter()
@@ -246,7 +245,10 @@ class Router:
             full = body.return_ == "all"
             seeds_out = [c["seed"] for c in result["candidates"]] if full else [result["winner"]["seed"]]
             t_images = time.perf_counter()
-            pngs = dict(zip(seeds_out, await asyncio.gather(*(self.jobs.image.remote(job_id, s) for s in seeds_out))))
+            fetched = await asyncio.gather(*(self.jobs.image.remote(job_id, s) for s in seeds_out), return_exceptions=True)
+            pngs = {s: png for s, png in zip(seeds_out, fetched) if not isinstance(png, BaseException)}
+            if result["winner"]["seed"] not in pngs:  # a candidate with no image comes back without one
+                raise fetched[seeds_out.index(result["winner"]["seed"])]
             # the job's trips, for Server-Timing: storing the request, waiting for the job, reading its images
             spans = {"submit": t_wait - t_submit, "wait": t_images - t_wait, "images": time.perf_counter() - t_images,
                      "job": result["timings"]["total"]}  # fmt: skip

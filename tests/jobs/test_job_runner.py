@@ -135,3 +135,25 @@ def test_a_job_warns_of_input_without_effect_as_the_synchronous_call_does(tmp_pa
 
     asyncio.run(go())
     assert "prune has no effect with a single candidate: there is nothing to rank" in store.get(job.id).result["warnings"]
+
+
+def test_a_job_runs_with_the_router_settings_it_was_submitted_with(tmp_path):
+    """The stored request carries the router's live fan-out settings: a reconfigured router reaches the jobs
+    submitted after it, and a resumed job splits its seeds as before."""
+    store = JobStore(tmp_path / "db.sqlite3", tmp_path / "results")
+    job, _ = store.create({**REQUEST, "router": RouterConfig(seeds_per_call=1).model_dump(mode="json")})
+    groups = []
+
+    async def stream(group):
+        groups.append(list(group.seeds))
+        yield GroupResult(replica="fake#0", settings={"steps": 4}, warnings=[],
+                          candidates=[CandidateResult(seed=s, png=png(), steps_computed=4) for s in group.seeds])  # fmt: skip
+
+    async def go():
+        runner = runner_for(store, stream)  # built with seeds_per_call=2
+        runner.start()
+        await until(lambda: store.get(job.id).status == "succeeded")
+        await runner.stop()
+
+    asyncio.run(go())
+    assert sorted(groups) == [[1], [2]]
