@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from hidream_serve.api.checks import precheck
 from hidream_serve.api.errors import ServiceError, Unavailable, classify
-from hidream_serve.api.images import PixelBudget, RefBudget
+from hidream_serve.api.images import PixelBudget, RefBudget, release_after
 from hidream_serve.api.jobs_protocol import CandidateProgress, JobCandidate, JobResult, JobWinner, image_url
 from hidream_serve.api.protocol import Defaults, GenerateRequest, Limits, Timings
 from hidream_serve.jobs.store import JobStore
@@ -218,9 +218,10 @@ class JobRunner:
         rc = RouterConfig.model_validate(body.pop("router")) if "router" in body else self.router_config
         request = GenerateRequest.model_validate(body)
         prune = request.prune_plan()
+        budget = self.ref_budget()
         try:
-            params, seeds = await asyncio.to_thread(request.to_engine, mode, self.limits, self.defaults,
-                                                    self.ref_budget())  # fmt: skip
+            params, seeds = await asyncio.to_thread(request.to_engine, mode, self.limits, self.defaults, budget)
+            release_after(params, budget)
             pre = precheck(params, seeds, self.limits, prune)
         except Exception as e:  # noqa: BLE001 - validated at submission; a changed limit can still refuse it
             await self._fail(job_id, classify(e))

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 import uuid
-import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -33,7 +32,7 @@ from hidream_serve.api.errors import (
     install_error_handlers,
     replica_lost,
 )  # fmt: skip
-from hidream_serve.api.images import PixelBudget, RefBudget, b64, release_memory
+from hidream_serve.api.images import PixelBudget, RefBudget, b64, release_after
 from hidream_serve.api.protocol import (
     CandidateOut,
     Debug,
@@ -165,9 +164,7 @@ def validate(body: GenerateRequest, mode: str, limits: Limits, defaults: Default
     """The whole request check (decodes the reference images within `ref_budget`): (params, seeds, precheck's
     answer)."""
     params, seeds = body.to_engine(mode, limits, defaults, ref_budget)
-    if ref_budget is not None and ref_budget.large:
-        release_memory()  # what the full-size decodes left
-        weakref.finalize(params, release_memory)  # and the reduced refs, once the request is done with them
+    release_after(params, ref_budget)  # what the full-size decodes left, and the reduced refs once done
     pre = precheck(params, seeds, limits, body.prune_plan())
     pre["warnings"][:0] = body.effective(mode).warnings  # refs a preset dropped, first
     return params, seeds, pre

@@ -22,6 +22,7 @@ import json
 import re
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from concurrent.futures import Executor
 from typing import Any
@@ -166,6 +167,14 @@ def release_memory() -> bool:
     if trim is None:
         return False
     return bool(trim(0))
+
+
+def release_after(held, budget: RefBudget | None) -> None:
+    """After a request that decoded large references (`budget.large`): give the freed memory back now, and again
+    once the object holding the reduced references (`held`, the request's params) is dropped."""
+    if budget is not None and budget.large:
+        release_memory()
+        weakref.finalize(held, release_memory)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

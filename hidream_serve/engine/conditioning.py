@@ -24,7 +24,7 @@ from .errors import InvalidInput
 from ..vocabulary import KEEP_ASPECT_EDGE, PATCH_SIZE
 from .images import to_patches
 from .layout import layout_references, parse_layout_boxes
-from .params import GenerationParams, check_reference_image
+from .params import GenerationParams
 from .resolution import resolve_size
 from .sizing import fit_to_area, ref_edge_for, size_for_area
 from .vlm_inputs import VisionInputs, VisionPreprocessConfig, prepare_vision_inputs

@@ -19,7 +19,6 @@ from PIL import Image
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .conditioning import Conditioning, ConditioningBuilder
-from .errors import InvalidInput
 from .images import patches_to_uint8
 from .network import PrefixCache, fa3_supports
 from .noise import PrefetchedNoise, initial_noise

@@ -1,7 +1,7 @@
 """Bounded memory for reference decoding (issue 14 item 3), on the real service (Ray Serve in-process, tiny models).
 
 The worst case of the issue: a ~42 KB `ip` body of ten 3 KB one-bit PNGs, each declared 5000x5000 (under the
-per-image pixel limit), n=1, 2 steps, four at once. The Router replica's RSS must stay under the bound stated
+per-image pixel limit), n=1, 2 steps, four at once. The Router and Jobs replicas' RSS must stay under the bound stated
 in docs/reliability.md, and the memory must be given back once the requests are done."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ psutil = pytest.importorskip("psutil")  # a Ray dependency
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 MiB = 2**20
-PEAK_RSS_BOUND = 1024 * MiB  # docs/reliability.md: the Router replica's RSS during four worst-case requests
+PEAK_RSS_BOUND = 1024 * MiB  # docs/reliability.md: the Router and Jobs replicas' RSS during four worst-case requests
 AT_REST_GROWTH_BOUND = 150 * MiB  # over its RSS before them, once they are done
 CONCURRENT = 4
 LIMITS = {"max_n": 2, "max_steps": 4, "max_pixels": 128 * 128, "max_refs": 10, "max_image_bytes": 100_000,
@@ -159,11 +159,11 @@ def test_decode_budget_refuses_after_its_wait():
 # -- the worst case on the real service ------------------------------------------------------------------
 
 
-def router_process() -> psutil.Process:
-    """The Router replica of this test's Ray instance: a descendant of this process (ray.init started the raylet
-    here), so other Ray instances on the machine are never looked at."""
+def replica_process(name: str) -> psutil.Process:
+    """The one `name` replica of this test's Ray instance: a descendant of this process (ray.init started the
+    raylet here), so other Ray instances on the machine are never looked at."""
     mine = [p for p in psutil.Process().children(recursive=True)
-            if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::ServeReplica:hidream:Router")]  # fmt: skip
+            if p.cmdline()[:1] and p.cmdline()[0].startswith(f"ray::ServeReplica:hidream:{name}")]  # fmt: skip
     assert len(mine) == 1, mine
     return mine[0]
 
@@ -188,23 +188,24 @@ class PeakRss:
         self._thread.join()
 
 
-def test_worst_case_refs_keep_router_memory_bounded(service):
+@pytest.mark.parametrize("replica", ["Router", "Jobs"])  # both decode the refs: the router checks, the job runs
+def test_worst_case_refs_keep_replica_memory_bounded(service, replica):
     body = worst_case_body()
     assert len(str(body)) < 45_000  # the issue's ~42 KB body
-    router = router_process()
+    proc = replica_process(replica)
     warm = service.post("/v1/generate/t2i", json={"prompt": "warm up", "n": 1})
     assert warm.status_code == 200, warm.text[:500]
-    before = router.memory_info().rss
+    before = proc.memory_info().rss
 
-    with PeakRss(router) as rss, ThreadPoolExecutor(CONCURRENT) as pool:
+    with PeakRss(proc) as rss, ThreadPoolExecutor(CONCURRENT) as pool:
         responses = list(pool.map(lambda _: service.post("/v1/generate/ip", json=body), range(CONCURRENT)))
     for r in responses:
         assert r.status_code == 200, r.text[:500]
         assert r.json()["winner"]["image"]
-    print(f"router RSS: before {before / MiB:.0f} MiB, peak {rss.peak / MiB:.0f} MiB")
-    assert rss.peak < PEAK_RSS_BOUND, f"router RSS peaked at {rss.peak / MiB:.0f} MiB"
+    print(f"{replica} RSS: before {before / MiB:.0f} MiB, peak {rss.peak / MiB:.0f} MiB")
+    assert rss.peak < PEAK_RSS_BOUND, f"{replica} RSS peaked at {rss.peak / MiB:.0f} MiB"
 
     time.sleep(1.0)  # the last request's references are dropped after its response is sent
-    after = router.memory_info().rss
-    print(f"router RSS at rest: {after / MiB:.0f} MiB")
+    after = proc.memory_info().rss
+    print(f"{replica} RSS at rest: {after / MiB:.0f} MiB")
     assert after - before < AT_REST_GROWTH_BOUND, f"RSS {before / MiB:.0f} -> {after / MiB:.0f} MiB at rest"
