@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 import time
 
 import pytest
@@ -152,6 +153,31 @@ def test_cancel_stops_the_gpu_work_within_a_step(service):
     job = service.get(f"/v1/jobs/{job_id}").json()
     assert 0 < job["steps_done"] < job["steps_total"] == 400  # the steps done before the cancel are kept
     assert service.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"  # idempotent
+
+
+def test_a_synchronous_call_is_a_job_that_the_jobs_api_can_cancel(service):
+    """POST /v1/generate/{mode} runs as a job: it is listed while it runs, and cancelling that job ends the waiting
+    call with a 409 naming `id`."""
+    body = {"prompt": "a slow call", "n": 2, "seed": 3, "width": 512, "height": 512, "exact_size": True,
+            "steps": 200}  # fmt: skip
+    answer = {}
+    call = threading.Thread(target=lambda: answer.update(r=service.post("/v1/generate/t2i", json=body)))
+    call.start()
+    deadline = time.time() + 120
+    while True:
+        running = [j for j in service.get("/v1/jobs", params={"status": "running"}).json()["data"]
+                   if j["steps_done"] > 0]  # fmt: skip
+        if running:
+            break
+        assert time.time() < deadline and call.is_alive(), "the call's job never ran"
+        time.sleep(0.1)
+    job_id = running[0]["id"]
+    assert service.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    call.join(timeout=60)
+    r = answer["r"]
+    assert r.status_code == 409 and r.json()["error"]["field"] == "id" and job_id in r.json()["error"]["message"]
+    job = service.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and 0 < job["steps_done"] < job["steps_total"] == 400
 
 
 def test_idempotent_resubmit_and_errors(service):
