@@ -32,6 +32,24 @@ def runner_for(store, stream, every_s=2.0):
                      Limits(), DEFAULTS)  # fmt: skip
 
 
+def finished_group(group, steps=4) -> GroupResult:
+    return GroupResult(replica="fake#0", settings={"steps": steps}, warnings=[],
+                       candidates=[CandidateResult(seed=s, png=png(), steps_computed=steps) for s in group.seeds])  # fmt: skip
+
+
+def run_until_done(store, job_id, stream, every_s=2.0, linger_s=0.0) -> None:
+    """Start a runner, wait until the job has ended (then `linger_s` more), stop it."""
+
+    async def go():
+        runner = runner_for(store, stream, every_s)
+        runner.start()
+        await until(lambda: store.get(job_id).status not in ("queued", "running"))
+        await asyncio.sleep(linger_s)
+        await runner.stop()
+
+    asyncio.run(go())
+
+
 async def until(predicate, timeout_s=10.0):
     for _ in range(int(timeout_s / 0.01)):
         if predicate():
@@ -52,17 +70,9 @@ def test_a_stalled_job_still_reports_progress_at_the_set_interval(tmp_path):
         await asyncio.sleep(0.35)  # a slow step
         for step in (2, 3, 4):
             yield StepProgress(list(group.seeds), step, 4)
-        yield GroupResult(replica="fake#0", settings={"steps": 4}, warnings=[],
-                          candidates=[CandidateResult(seed=s, png=png(), steps_computed=4) for s in group.seeds])  # fmt: skip
+        yield finished_group(group)
 
-    async def go():
-        runner = runner_for(store, stream, every_s=0.1)
-        runner.start()
-        await until(lambda: store.get(job.id).status == "succeeded")
-        await asyncio.sleep(0.3)  # a heartbeat would have fired by now
-        await runner.stop()
-
-    asyncio.run(go())
+    run_until_done(store, job.id, stream, every_s=0.1, linger_s=0.3)  # a heartbeat would fire in the 0.3 s
     events = [(e.kind, e.data) for e in store.events(job.id)]
     kinds = [k for k, _ in events]
     assert kinds[-1] == "succeeded" and "progress" not in kinds[kinds.index("candidate"):]
@@ -81,16 +91,9 @@ def test_a_fast_job_gets_no_repeated_progress(tmp_path):
     async def stream(group):
         for step in (1, 2, 3, 4):
             yield StepProgress(list(group.seeds), step, 4)
-        yield GroupResult(replica="fake#0", settings={"steps": 4}, warnings=[],
-                          candidates=[CandidateResult(seed=s, png=png(), steps_computed=4) for s in group.seeds])  # fmt: skip
+        yield finished_group(group)
 
-    async def go():
-        runner = runner_for(store, stream)
-        runner.start()
-        await until(lambda: store.get(job.id).status == "succeeded")
-        await runner.stop()
-
-    asyncio.run(go())
+    run_until_done(store, job.id, stream)
     progress = [(e.data["seed"], e.data["step"]) for e in store.events(job.id) if e.kind == "progress"]
     assert progress == [(s, step) for step in (1, 2, 3, 4) for s in (1, 2)]
 
@@ -124,16 +127,9 @@ def test_a_job_warns_of_input_without_effect_as_the_synchronous_call_does(tmp_pa
     job, _ = store.create({"mode": "t2i", "prompt": "a fox", "seeds": [1], "prune": {"at": 0.5, "keep": 0.5}})
 
     async def stream(group):
-        yield GroupResult(replica="fake#0", settings={"steps": 4}, warnings=[],
-                          candidates=[CandidateResult(seed=s, png=png(), steps_computed=4) for s in group.seeds])  # fmt: skip
+        yield finished_group(group)
 
-    async def go():
-        runner = runner_for(store, stream)
-        runner.start()
-        await until(lambda: store.get(job.id).status == "succeeded")
-        await runner.stop()
-
-    asyncio.run(go())
+    run_until_done(store, job.id, stream)
     assert "prune has no effect with a single candidate: there is nothing to rank" in store.get(job.id).result["warnings"]
 
 
@@ -146,14 +142,7 @@ def test_a_job_runs_with_the_router_settings_it_was_submitted_with(tmp_path):
 
     async def stream(group):
         groups.append(list(group.seeds))
-        yield GroupResult(replica="fake#0", settings={"steps": 4}, warnings=[],
-                          candidates=[CandidateResult(seed=s, png=png(), steps_computed=4) for s in group.seeds])  # fmt: skip
+        yield finished_group(group)
 
-    async def go():
-        runner = runner_for(store, stream)  # built with seeds_per_call=2
-        runner.start()
-        await until(lambda: store.get(job.id).status == "succeeded")
-        await runner.stop()
-
-    asyncio.run(go())
+    run_until_done(store, job.id, stream)  # the runner's own RouterConfig has seeds_per_call=2
     assert sorted(groups) == [[1], [2]]
