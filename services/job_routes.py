@@ -66,7 +66,8 @@ async def create_job(body: JobRequest, request: Request,
         if body.prune_plan() and router.scorer is None:
             raise InvalidInput("prune", "pruning needs a scorer and this server has none configured")
         client_body = body.model_dump(mode="json", by_alias=True, exclude_unset=True)
-        view = await router.jobs.submit.remote(stored_request(body, body.mode, seeds, router.config), idempotency_key, client_body)
+        stored = stored_request(body, body.mode, seeds, router.config)
+        view = await router.jobs.submit.remote(stored, idempotency_key, client_body)
     except Exception as e:  # noqa: BLE001 - the one mapping, in hidream_serve.api.errors
         return error_response(e, rid, router.config.retry_after_s)
     created = JobCreated(id=view["id"], status=view["status"], created_at=view["created_at"], urls=view["urls"])

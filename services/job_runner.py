@@ -292,8 +292,8 @@ class JobRunner:
         """A group stored by an earlier run of the job, as the generator returned it."""
         metas = [stored[s] for s in seeds]
         candidates = [
-            CandidateResult(seed=s, png=self.store.image_path(job_id, s).read_bytes(), steps_computed=m["steps_computed"],
-                            pruned_at_step=m["pruned_at_step"],
+            CandidateResult(seed=s, png=self.store.image_path(job_id, s).read_bytes(),
+                            steps_computed=m["steps_computed"], pruned_at_step=m["pruned_at_step"],
                             preview=PreviewScore(m["score"], m["scores"]) if m["pruned_at_step"] is not None else None)
             for s, m in zip(seeds, metas)
         ]  # fmt: skip

@@ -242,7 +242,8 @@ class Router:
             full = body.return_ == "all"
             seeds_out = [c["seed"] for c in result["candidates"]] if full else [result["winner"]["seed"]]
             t_images = time.perf_counter()
-            fetched = await asyncio.gather(*(self.jobs.image.remote(job_id, s) for s in seeds_out), return_exceptions=True)
+            fetched = await asyncio.gather(*(self.jobs.image.remote(job_id, s) for s in seeds_out),
+                                           return_exceptions=True)  # fmt: skip
             pngs = {s: png for s, png in zip(seeds_out, fetched) if not isinstance(png, BaseException)}
             if result["winner"]["seed"] not in pngs:  # a candidate with no image comes back without one
                 raise fetched[seeds_out.index(result["winner"]["seed"])]

@@ -130,7 +130,8 @@ def test_a_job_warns_of_input_without_effect_as_the_synchronous_call_does(tmp_pa
         yield finished_group(group)
 
     run_until_done(store, job.id, stream)
-    assert "prune has no effect with a single candidate: there is nothing to rank" in store.get(job.id).result["warnings"]
+    warning = "prune has no effect with a single candidate: there is nothing to rank"
+    assert warning in store.get(job.id).result["warnings"]
 
 
 def test_a_job_runs_with_the_router_settings_it_was_submitted_with(tmp_path):
