@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from hidream_serve.api.checks import precheck
 from hidream_serve.api.errors import ServiceError, Unavailable, classify
 from hidream_serve.api.images import PixelBudget, RefBudget, release_after
-from hidream_serve.api.jobs_protocol import CandidateProgress, JobCandidate, JobResult, JobWinner, image_url
+from hidream_serve.api.jobs_protocol import TERMINAL, CandidateProgress, JobCandidate, JobResult, JobWinner, image_url
 from hidream_serve.api.protocol import Defaults, GenerateRequest, Limits, Timings
 from hidream_serve.jobs.store import JobStore
 from hidream_serve.scoring.context import ScoreContext
 
 from . import metrics
 from .config import JobsConfig, RouterConfig
-from .fanout import Outcome, Scored, best_of_n, debug_of
+from .fanout import Outcome, best_of_n, debug_of
 from .messages import (
     CandidateResult,
     GroupJob,
@@ -65,8 +65,9 @@ class Live:
     warnings: list[str] = field(default_factory=list)
 
 
-class JobCancelled(Exception):
-    pass
+def _candidate_key(data: dict) -> tuple:
+    """A candidate in an event's data: (cell, seed), cell None outside a sweep."""
+    return data.get("cell"), data["seed"]
 
 
 class JobRunner:
@@ -139,10 +140,10 @@ class JobRunner:
     async def event(self, job_id: str, kind: str, data: dict) -> None:
         if kind == "progress":
             self._last_progress[job_id] = time.monotonic()
-            self.unfinished.setdefault(job_id, {})[(data.get("cell"), data["seed"])] = data
+            self.expect_progress(job_id, data)
         elif kind == "candidate":
-            self.unfinished.get(job_id, {}).pop((data.get("cell"), data["seed"]), None)
-        elif kind in ("succeeded", "failed", "cancelled"):
+            self.unfinished.get(job_id, {}).pop(_candidate_key(data), None)
+        elif kind in TERMINAL:
             self.unfinished.pop(job_id, None)  # the heartbeat sends nothing after the final event
         self.store.append_event(job_id, kind, data)
         metrics.job_event(kind)
@@ -156,8 +157,8 @@ class JobRunner:
 
     def expect_progress(self, job_id: str, data: dict) -> None:
         """A candidate the job will compute (`{seed, step: 0, steps}`, and `cell` in a sweep): the heartbeat
-        reports it before its first step."""
-        self.unfinished.setdefault(job_id, {})[(data.get("cell"), data["seed"])] = data
+        reports it before its first step; a progress event updates it."""
+        self.unfinished.setdefault(job_id, {})[_candidate_key(data)] = data
 
     async def _heartbeat(self, job_id: str) -> None:
         """Progress at least every `progress_every_s` while the job runs: each unfinished candidate's last
@@ -228,7 +229,7 @@ class JobRunner:
             return
         live = self.live.setdefault(job_id, Live())
         live.candidates = {s: CandidateProgress(seed=s) for s in seeds}
-        live.steps = params.steps or 0
+        live.steps = pre["steps"]  # the recipe's when the request leaves steps unset
         # what the synchronous call warns of: refs a preset dropped, then every input that will have no effect
         for w in request.effective(mode).warnings + pre["warnings"]:
             if w not in live.warnings:
@@ -267,7 +268,7 @@ class JobRunner:
                                   bounded=bool(waited_for))  # fmt: skip
         except asyncio.CancelledError:  # cancel(): best_of_n has cancelled the groups; wait until they stopped
             await asyncio.gather(*groups, return_exceptions=True)
-            await self._finish_cancelled(job_id, self._stored_candidates(job_id, seeds), live)
+            await self._finish_cancelled(job_id, seeds, live)
             return
         except Exception as e:  # noqa: BLE001 - bad input, back-pressure of a synchronous call, every group failed
             await self._fail(job_id, classify(e, rc.retry_after_s))
@@ -358,18 +359,6 @@ class JobRunner:
         return result
 
     # 5. endings ---------------------------------------------------------------------------------------
-    def _stored_candidates(self, job_id: str, seeds: list[int]) -> list[Scored]:
-        stored = self.store.candidates(job_id)
-        out = []
-        for seed in seeds:
-            meta = stored.get(seed)
-            if meta is None:
-                continue
-            png = self.store.image_path(job_id, seed).read_bytes()
-            out.append(Scored(seed=seed, png=png, replica=meta["replica"], steps_computed=meta["steps_computed"],
-                              pruned_at_step=meta["pruned_at_step"], score=meta["score"], scores=meta["scores"]))  # fmt: skip
-        return out
-
     def _result(self, job_id: str, mode: str, out: Outcome, warnings: list[str], steps: int, timings: Timings) -> dict:
         """The generate response's body, with image URLs."""
         cands = [JobCandidate(seed=c.seed, score=c.score, scores=c.scores, url=image_url(job_id, c.seed),
@@ -388,9 +377,10 @@ class JobRunner:
         self.store.set_status(job_id, "failed", error=error)
         await self.event(job_id, "failed", {"error": error})
 
-    async def _finish_cancelled(self, job_id: str, candidates: list[Scored], live: Live) -> None:
-        done = [{"seed": c.seed, "url": image_url(job_id, c.seed), "steps_computed": c.steps_computed}
-                for c in candidates]  # fmt: skip
+    async def _finish_cancelled(self, job_id: str, seeds: list[int], live: Live) -> None:
+        stored = self.store.candidates(job_id)  # the candidates that finished (their rows; the PNGs stay on disk)
+        done = [{"seed": s, "url": image_url(job_id, s), "steps_computed": stored[s]["steps_computed"]}
+                for s in seeds if s in stored]  # fmt: skip
         # the steps every candidate had done, finished or not, for the job's steps_done once it is no longer live
         progress = [c.model_dump() for c in live.candidates.values()]
         self.store.set_status(job_id, "cancelled", result={"candidates": done, "progress": progress,

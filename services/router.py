@@ -270,16 +270,13 @@ class Router:
             for c in result["candidates"]
         ]
         winner = result["winner"]
-        job_timings = Timings.model_validate(result["timings"])
         resp = GenerateResponse(
             id=rid, job_id=job_id, mode=mode, scored=result["scored"],
             winner=Winner(seed=winner["seed"], score=winner["score"], image=b64(pngs[winner["seed"]])),
             candidates=candidates, settings=result["settings"],
             warnings=list(dict.fromkeys(pre["warnings"] + result["warnings"])),
             steps_computed=result["steps_computed"], steps_full=result["steps_full"],
-            timings=Timings(validate=t_valid, queued=job_timings.queued, generate=job_timings.generate,
-                            score=job_timings.score, score_compute=job_timings.score_compute,
-                            total=time.perf_counter() - t0),
+            timings=Timings(**{**result["timings"], "validate": t_valid, "total": time.perf_counter() - t0}),
             debug=Debug.model_validate(result["debug"] or {}),
         )  # fmt: skip
         log.info("request %s %s n=%d job=%s winner=%d total=%.2fs", rid, mode, len(seeds), job_id, winner["seed"],
